@@ -1,0 +1,7 @@
+"""certlab: sound bounds, certified and adversarial training, attacks, verification and robustness studies."""
+
+__version__ = "0.1.0"
+
+from certlab.errors import CertlabError, UnsupportedLayerError, InputError, DataError, CheckpointError  # noqa: F401
+from certlab import nn  # noqa: F401
+from certlab.threat import LinfBall, L2Ball, SegmentUnion  # noqa: F401

@@ -1,0 +1,367 @@
+"""Threat sets: the input regions a network must be robust on.
+
+Every set is centred at a batch of points ``x`` of shape ``[B, *input_shape]`` and offers:
+
+- ``concretize(A, x)``: lower/upper of ``A·x'`` over ``x'`` in the set, for ``A`` of shape ``[B, S, *input_shape]``
+  (the *support function* of the set; every linear relaxation ends here);
+- ``interval_hull(x)``: the tightest box ``[lo, hi]`` containing the set;
+- ``project(z, x)``: a point of the set (exactly the Euclidean projection for the balls, the nearest segment point
+  for ``SegmentUnion``);
+- ``sample(x, n)``: ``n`` random points of the set, shape ``[n, B, *input_shape]``;
+- ``validate(x)``: raise :class:`certlab.InputError` on NaN/inf, a batch-size mismatch of ``eps``, or ``x`` outside the
+  domain.
+
+``eps`` is a float or a 1-D tensor with one radius per sample. ``domain=(lo, hi)`` intersects the set with that box
+(``None``: no clipping).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from certlab.errors import InputError
+
+_DOMAIN_TOL = 1e-6
+
+
+def _check_eps(eps) -> float | torch.Tensor:
+    if isinstance(eps, torch.Tensor):
+        if eps.dim() > 1:
+            raise InputError(f"eps must be a float or a 1-D tensor (one radius per sample), got shape {tuple(eps.shape)}")
+        e = eps.detach()
+        if not torch.isfinite(e).all():
+            raise InputError("eps contains NaN or inf")
+        if (e < 0).any():
+            raise InputError(f"eps must be >= 0, got min {e.min().item():g}")
+        return eps.float() if eps.dim() == 1 else float(eps)
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise InputError(f"eps must be a number or a tensor, got {type(eps).__name__}") from None
+    if not math.isfinite(eps):
+        raise InputError(f"eps must be finite, got {eps}")
+    if eps < 0:
+        raise InputError(f"eps must be >= 0, got {eps}")
+    return eps
+
+
+def _check_domain(domain):
+    if domain is None:
+        return None
+    try:
+        lo, hi = float(domain[0]), float(domain[1])
+    except (TypeError, ValueError, IndexError):
+        raise InputError(f"domain must be None or a pair (lo, hi), got {domain!r}") from None
+    if not lo < hi:
+        raise InputError(f"domain must have lo < hi, got {domain!r}")
+    return (lo, hi)
+
+
+class ThreatSet:
+    """Base class. Subclasses set ``norm`` ("linf", "l2" or "segments")."""
+
+    norm: str = ""
+
+    def __init__(self, eps, domain=(0.0, 1.0)):
+        self.eps = _check_eps(eps)
+        self.domain = _check_domain(domain)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def eps_vector(self, x: torch.Tensor) -> torch.Tensor:
+        """eps as a tensor of shape [B] on x's device/dtype."""
+        B = x.shape[0]
+        if isinstance(self.eps, torch.Tensor):
+            if self.eps.shape[0] != B:
+                raise InputError(f"eps has {self.eps.shape[0]} radii but the batch has {B} samples")
+            return self.eps.to(device=x.device, dtype=x.dtype)
+        return torch.full((B,), self.eps, device=x.device, dtype=x.dtype)
+
+    def eps_view(self, x: torch.Tensor) -> torch.Tensor:
+        """eps shaped [B, 1, ..., 1] to broadcast against x."""
+        return self.eps_vector(x).view(-1, *([1] * (x.dim() - 1)))
+
+    def with_eps(self, eps) -> "ThreatSet":
+        """The same kind of set with another radius (used by radius search and schedules)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.eps = _check_eps(eps)
+        return new
+
+    def validate(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise InputError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise InputError(f"x must be a floating-point tensor, got {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise InputError("x contains NaN or inf")
+        self.eps_vector(x)
+        if self.domain is not None:
+            lo, hi = self.domain
+            if x.min().item() < lo - _DOMAIN_TOL or x.max().item() > hi + _DOMAIN_TOL:
+                raise InputError(
+                    f"x lies outside the domain [{lo:g}, {hi:g}] (min {x.min().item():g}, max {x.max().item():g}); "
+                    "pass domain=None to disable clipping"
+                )
+
+    def _box(self, x):
+        """The box hull of the ball alone, clipped to the domain."""
+        e = self.eps_view(x)
+        lo, hi = x - e, x + e
+        if self.domain is not None:
+            lo = lo.clamp(min=self.domain[0])
+            hi = hi.clamp(max=self.domain[1])
+        return lo, hi
+
+    @staticmethod
+    def _box_concretize(A, lo, hi):
+        B, S = A.shape[:2]
+        mid = ((lo + hi) / 2).reshape(B, 1, -1)
+        rad = ((hi - lo) / 2).reshape(B, 1, -1)
+        Af = A.reshape(B, S, -1)
+        c = (Af * mid).sum(-1)
+        r = (Af.abs() * rad).sum(-1)
+        return c - r, c + r
+
+    # -- interface --------------------------------------------------------------------------------------------
+    def concretize(self, A: torch.Tensor, x: torch.Tensor):
+        raise NotImplementedError
+
+    def interval_hull(self, x: torch.Tensor):
+        return self._box(x)
+
+    def project(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, x: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def contains(self, z: torch.Tensor, x: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+        """BoolTensor [B]: z[i] lies in the set around x[i] (up to tol)."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        e = self.eps if not isinstance(self.eps, torch.Tensor) else f"tensor[{self.eps.shape[0]}]"
+        return f"{type(self).__name__}(eps={e}, domain={self.domain})"
+
+
+class LinfBall(ThreatSet):
+    """{x' : ‖x' − x‖∞ ≤ ε} ∩ domain — a box, so concretisation is exact: A·m ± |A|·r."""
+
+    norm = "linf"
+
+    def concretize(self, A, x):
+        lo, hi = self._box(x)
+        return self._box_concretize(A, lo, hi)
+
+    def project(self, z, x):
+        lo, hi = self._box(x)
+        return torch.max(torch.min(z, hi), lo)
+
+    def sample(self, x, n, generator=None):
+        lo, hi = self._box(x)
+        u = torch.rand((n, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+        return lo + u * (hi - lo)
+
+    def vertices(self, x, n, generator=None):
+        """n random vertices of the box (the extreme points where ReLU-network bounds are usually attained)."""
+        lo, hi = self._box(x)
+        s = torch.rand((n, *x.shape), generator=generator, device=x.device) < 0.5
+        return torch.where(s, hi, lo)
+
+    def contains(self, z, x, tol=1e-5):
+        lo, hi = self._box(x)
+        B = x.shape[0]
+        return ((z >= lo - tol) & (z <= hi + tol)).reshape(B, -1).all(1)
+
+
+class L2Ball(ThreatSet):
+    """{x' : ‖x' − x‖₂ ≤ ε} ∩ domain.
+
+    Concretisation takes the tighter of the ball bound A·x ± ε‖A‖₂ and the bound over the domain-clipped box hull;
+    both contain the set, so their intersection is sound.
+    """
+
+    norm = "l2"
+
+    def concretize(self, A, x):
+        B, S = A.shape[:2]
+        Af = A.reshape(B, S, -1)
+        c = (Af * x.reshape(B, 1, -1)).sum(-1)
+        r = Af.norm(dim=-1) * self.eps_vector(x).view(B, 1)
+        lo_ball, hi_ball = c - r, c + r
+        if self.domain is None:
+            return lo_ball, hi_ball
+        lo_box, hi_box = self._box_concretize(A, *self._box(x))
+        return torch.max(lo_ball, lo_box), torch.min(hi_ball, hi_box)
+
+    def project(self, z, x, iters: int = 40):
+        """Exact Euclidean projection onto ball ∩ box: p(λ) = clip((z + λx)/(1 + λ)), λ ≥ 0 found by bisection."""
+        B = x.shape[0]
+        e = self.eps_vector(x)
+        clip = (lambda t: t.clamp(self.domain[0], self.domain[1])) if self.domain is not None else (lambda t: t)
+        p0 = clip(z)
+        d0 = (p0 - x).reshape(B, -1).norm(dim=1)
+        if bool((d0 <= e).all()):
+            return p0
+        lam_lo = torch.zeros(B, device=x.device, dtype=x.dtype)
+        lam_hi = torch.ones(B, device=x.device, dtype=x.dtype)
+        view = (-1,) + (1,) * (x.dim() - 1)
+
+        def dist(lam):
+            lv = lam.view(view)
+            return (clip((z + lv * x) / (1 + lv)) - x).reshape(B, -1).norm(dim=1)
+
+        for _ in range(60):  # grow the bracket
+            too_far = dist(lam_hi) > e
+            if not too_far.any():
+                break
+            lam_hi = torch.where(too_far, lam_hi * 4, lam_hi)
+        for _ in range(iters):
+            mid = (lam_lo + lam_hi) / 2
+            far = dist(mid) > e
+            lam_lo = torch.where(far, mid, lam_lo)
+            lam_hi = torch.where(far, lam_hi, mid)
+        lv = lam_hi.view(view)
+        p = clip((z + lv * x) / (1 + lv))
+        # exact feasibility despite rounding: shrink towards x if needed (x is feasible, the set is convex)
+        d = (p - x).reshape(B, -1).norm(dim=1)
+        scale = torch.where(d > e, e / d.clamp_min(1e-30), torch.ones_like(d)).view(view)
+        p = x + (p - x) * scale
+        p = torch.where((d0 <= e).view(view), p0, p)
+        return p
+
+    def sample(self, x, n, generator=None):
+        B = x.shape[0]
+        g = torch.randn((n, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+        g = g / g.reshape(n, B, -1).norm(dim=-1).clamp_min(1e-12).view(n, B, *([1] * (x.dim() - 1)))
+        d = x[0].numel()
+        rad = torch.rand((n, B), generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
+        pts = x.unsqueeze(0) + g * (rad * self.eps_vector(x)).view(n, B, *([1] * (x.dim() - 1)))
+        if self.domain is not None:  # clipping towards x keeps points inside the ball
+            pts = pts.clamp(self.domain[0], self.domain[1])
+        return pts
+
+    def contains(self, z, x, tol=1e-5):
+        B = x.shape[0]
+        ok = (z - x).reshape(B, -1).norm(dim=1) <= self.eps_vector(x) + tol
+        if self.domain is not None:
+            ok &= ((z >= self.domain[0] - tol) & (z <= self.domain[1] + tol)).reshape(B, -1).all(1)
+        return ok
+
+
+class SegmentUnion(ThreatSet):
+    """⋃_j {x + β·d_j : |β| ≤ ε} (∩ domain): k segments along unit directions d_j.
+
+    ``directions``: ``[k, *input_shape]`` shared by the batch, or ``[B, k, *input_shape]`` per sample (e.g. the
+    radial signal direction of each point). Each direction is normalised to unit ℓ2 norm. The support function of a
+    linear map a over the set is ``a·x + max_j max_{β∈[β⁻_j, β⁺_j]} β·(a·d_j)``, which is ``|a·d_j|·ε`` without a
+    domain. With a domain, each segment is cut to the β-interval that stays in the box.
+    """
+
+    norm = "segments"
+
+    def __init__(self, directions: torch.Tensor, eps, domain=None):
+        super().__init__(eps, domain)
+        if not isinstance(directions, torch.Tensor) or directions.dim() < 2:
+            raise InputError("directions must be a tensor [k, *input_shape] or [B, k, *input_shape]")
+        if not torch.isfinite(directions).all():
+            raise InputError("directions contain NaN or inf")
+        self._raw = directions.detach().float()
+
+    # directions resolved against a batch x: [B, k, n] with unit rows
+    def directions_for(self, x: torch.Tensor) -> torch.Tensor:
+        d = self._raw.to(device=x.device, dtype=x.dtype)
+        B, n = x.shape[0], x[0].numel()
+        if d.dim() == x.dim():  # [k, *in]
+            if tuple(d.shape[1:]) != tuple(x.shape[1:]):
+                raise InputError(f"directions have shape {tuple(d.shape[1:])} per direction but x has {tuple(x.shape[1:])}")
+            d = d.reshape(1, d.shape[0], n).expand(B, -1, -1)
+        elif d.dim() == x.dim() + 1:  # [B, k, *in]
+            if d.shape[0] != B or tuple(d.shape[2:]) != tuple(x.shape[1:]):
+                raise InputError(f"per-sample directions have shape {tuple(d.shape)}, expected [{B}, k, {tuple(x.shape[1:])}]")
+            d = d.reshape(B, d.shape[1], n)
+        else:
+            raise InputError(f"directions of shape {tuple(d.shape)} do not fit x of shape {tuple(x.shape)}")
+        norms = d.norm(dim=-1, keepdim=True)
+        if (norms < 1e-12).any():
+            raise InputError("a segment direction has zero norm")
+        return d / norms
+
+    def beta_range(self, x: torch.Tensor):
+        """[B, k] lower/upper β of each segment after cutting it to the domain."""
+        d = self.directions_for(x)
+        e = self.eps_vector(x).view(-1, 1)
+        blo = -e.expand(-1, d.shape[1]).clone()
+        bhi = e.expand(-1, d.shape[1]).clone()
+        if self.domain is None:
+            return blo, bhi
+        lo, hi = self.domain
+        xf = x.reshape(x.shape[0], 1, -1)
+        # constraint lo <= x_i + β d_i <= hi per coordinate
+        pos, neg = d > 1e-12, d < -1e-12
+        big = torch.full_like(d, float("inf"))
+        up = torch.where(pos, (hi - xf) / d.where(pos, torch.ones_like(d)), torch.where(neg, (lo - xf) / d.where(neg, -torch.ones_like(d)), big))
+        dn = torch.where(pos, (lo - xf) / d.where(pos, torch.ones_like(d)), torch.where(neg, (hi - xf) / d.where(neg, -torch.ones_like(d)), -big))
+        bhi = torch.min(bhi, up.min(-1).values).clamp_min(0)
+        blo = torch.max(blo, dn.max(-1).values).clamp_max(0)
+        return blo, bhi
+
+    def concretize(self, A, x):
+        B, S = A.shape[:2]
+        Af = A.reshape(B, S, -1)
+        c = (Af * x.reshape(B, 1, -1)).sum(-1)
+        d = self.directions_for(x)  # [B, k, n]
+        ad = torch.bmm(Af, d.transpose(1, 2))  # [B, S, k]
+        blo, bhi = self.beta_range(x)
+        blo, bhi = blo.unsqueeze(1), bhi.unsqueeze(1)
+        hi_val = torch.max(ad * blo, ad * bhi).max(-1).values
+        lo_val = torch.min(ad * blo, ad * bhi).min(-1).values
+        return c + lo_val, c + hi_val
+
+    def interval_hull(self, x):
+        d = self.directions_for(x)
+        blo, bhi = self.beta_range(x)
+        ends = torch.stack([d * blo.unsqueeze(-1), d * bhi.unsqueeze(-1)], 0)  # [2, B, k, n]
+        lo = ends.amin(dim=(0, 2)).clamp_max(0).reshape(x.shape) + x
+        hi = ends.amax(dim=(0, 2)).clamp_min(0).reshape(x.shape) + x
+        return lo, hi
+
+    def points(self, x: torch.Tensor, j: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """x + β·d_j for index tensor j [B] and β [B]."""
+        d = self.directions_for(x)
+        dj = d[torch.arange(x.shape[0], device=x.device), j]
+        return x + (beta.view(-1, 1) * dj).reshape(x.shape)
+
+    def project(self, z, x):
+        B = x.shape[0]
+        d = self.directions_for(x)
+        diff = (z - x).reshape(B, 1, -1)
+        beta = (diff * d).sum(-1)
+        blo, bhi = self.beta_range(x)
+        beta = torch.max(torch.min(beta, bhi), blo)
+        dist = (diff - beta.unsqueeze(-1) * d).norm(dim=-1)
+        j = dist.argmin(dim=1)
+        return self.points(x, j, beta.gather(1, j.view(-1, 1)).squeeze(1))
+
+    def sample(self, x, n, generator=None):
+        B = x.shape[0]
+        d = self.directions_for(x)
+        k = d.shape[1]
+        blo, bhi = self.beta_range(x)
+        j = torch.randint(0, k, (n, B), generator=generator, device=x.device)
+        u = torch.rand((n, B), generator=generator, device=x.device, dtype=x.dtype)
+        lo = blo.gather(1, j.T).T
+        hi = bhi.gather(1, j.T).T
+        beta = lo + u * (hi - lo)
+        dj = d[torch.arange(B, device=x.device).view(1, B), j]  # [n, B, nin]
+        return x.unsqueeze(0) + (beta.unsqueeze(-1) * dj).reshape(n, *x.shape)
+
+    def num_directions(self, x: torch.Tensor) -> int:
+        return self.directions_for(x).shape[1]
+
+    def contains(self, z, x, tol=1e-5):
+        return ((self.project(z, x) - z).reshape(x.shape[0], -1).norm(dim=1) <= tol)
