@@ -5,3 +5,5 @@ __version__ = "0.1.0"
 from certlab.errors import CertlabError, UnsupportedLayerError, InputError, DataError, CheckpointError  # noqa: F401
 from certlab import nn  # noqa: F401
 from certlab.threat import LinfBall, L2Ball, SegmentUnion  # noqa: F401
+from certlab import bounds  # noqa: F401,E402  (callable module: certlab.bounds(model, x, threat, ...))
+from certlab.bounds import METHODS, Bounds, margins, certify  # noqa: F401,E402

@@ -1,0 +1,132 @@
+"""Back-substitution: the engine shared by Fast-Lin, CROWN, CROWN-IBP and α-CROWN.
+
+To lower-bound Λ·z_k (Λ ∈ R^{S×n_k}) over the threat set, walk the graph backwards:
+
+- affine z = W z' + b:  Λ ↦ Λ W, constant += Λ b;
+- ReLU z = relu(ẑ) with pre-activation bounds [l, u] and linear bounds a ẑ ≤ relu(ẑ) ≤ s ẑ + t:
+  Λ ↦ Λ⁺ a + Λ⁻ s, constant += Λ⁻ t  (Λ⁺ = max(Λ, 0), Λ⁻ = min(Λ, 0));
+- residual sum z = z₁ + z₂: Λ flows to both branches;
+
+and at the input concretise min_{x'∈set} Λ x' with the set's support function. The upper line is the chord
+s = u/(u−l), t = −l·s for crossing neurons; the lower slope a is what tells the relaxations apart
+(Fast-Lin: a = s; CROWN: a = 1[u > −l]; α-CROWN: a = α ∈ [0, 1] optimised). Upper bounds are lower bounds of −Λ.
+
+Intermediate bounds are computed node by node with Λ = rows of the identity, only for the neurons that are not
+already known to be stable (from IBP, which the result is intersected with — both are sound).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def relu_lines(l, u, lower="adaptive"):
+    """(lower slope a, upper slope s, upper intercept t, crossing mask) for pre-activation bounds [l, u]."""
+    crossing = (l < 0) & (u > 0)
+    active = (l >= 0).to(l.dtype)
+    s_cross = u / (u - l).clamp_min(1e-12)
+    s = torch.where(crossing, s_cross, active)
+    t = torch.where(crossing, -l * s_cross, torch.zeros_like(l))
+    if lower == "parallel":
+        a = s
+    else:  # adaptive (CROWN): the slope of the smaller-area lower line
+        a = torch.where(crossing, (u > -l).to(l.dtype), active)
+    return a, s, t, crossing
+
+
+def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const=None):
+    """Lower bound of A·z_start over the set. A: [B, S, *shape(start)]. Returns [B, S].
+
+    pre[i] = (l, u) for every ReLU node i before ``start``; ``alpha[i]`` ([B, S, *shape] in [0, 1]) replaces the lower
+    slope of crossing neurons of ReLU i when given.
+    """
+    B, S = A.shape[:2]
+    total = A.new_zeros(B, S) if const is None else const
+    pending = {start: A}
+    nodes = g.nodes
+    for i in range(start, 0, -1):
+        Ai = pending.pop(i, None)
+        if Ai is None:
+            continue
+        node = nodes[i]
+        if node.kind == "affine":
+            total = total + node.op.bias_back(Ai)
+            _acc(pending, node.inputs[0], node.op.back(Ai))
+        elif node.kind == "relu":
+            l, u = pre[i]
+            a, s, t, crossing = relu_lines(l, u, lower)
+            a, s, t = a.unsqueeze(1), s.unsqueeze(1), t.unsqueeze(1)
+            if alpha is not None and i in alpha:
+                a = torch.where(crossing.unsqueeze(1), alpha[i], a)
+            pos, neg = Ai.clamp(min=0), Ai.clamp(max=0)
+            total = total + (neg * t).flatten(2).sum(-1)
+            _acc(pending, node.inputs[0], pos * a + neg * s)
+        else:  # add
+            _acc(pending, node.inputs[0], Ai)
+            _acc(pending, node.inputs[1], Ai)
+    A0 = pending.pop(0)
+    low, _ = threat.concretize(A0, x)
+    return low + total
+
+
+def _acc(pending, j, A):
+    pending[j] = A if j not in pending else pending[j] + A
+
+
+def both_bounds(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const=None, lower_only=False):
+    """(lower, upper) of A·z_start (+const); upper is None when lower_only."""
+    if lower_only:
+        return lower_bound(g, start, A, pre, x, threat, lower, alpha, const), None
+    S = A.shape[1]
+    c2 = None if const is None else torch.cat([const, -const], 1)
+    low = lower_bound(g, start, torch.cat([A, -A], 1), pre, x, threat, lower, alpha, c2)
+    return low[:, :S], -low[:, S:]
+
+
+def intermediate(g, x, threat, lower="adaptive"):
+    """Pre-activation bounds of every ReLU by back-substitution, intersected with IBP's."""
+    from certlab.bounds.ibp import interval_pass
+
+    ibp_pre, _, exact = interval_pass(g, x, threat)
+    pre = {}
+    B = x.shape[0]
+    for r in g.relus:
+        p = g.nodes[r].inputs[0]
+        l, u = ibp_pre[r]
+        if p in exact:
+            pre[r] = (l, u)
+            continue
+        shape = l.shape[1:]
+        lf, uf = l.reshape(B, -1), u.reshape(B, -1)
+        n = lf.shape[1]
+        unstable = (lf < 0) & (uf > 0)
+        cnt = unstable.sum(1)
+        S = int(cnt.max().item()) if B else 0
+        if S == 0:
+            pre[r] = (l, u)
+            continue
+        idx = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :S]
+        valid = torch.arange(S, device=x.device).unsqueeze(0) < cnt.unsqueeze(1)
+        A = torch.zeros(B, S, n, device=x.device, dtype=x.dtype)
+        A.scatter_(2, idx.unsqueeze(-1), valid.unsqueeze(-1).to(x.dtype))
+        lo, hi = both_bounds(g, p, A.reshape(B, S, *shape), pre, x, threat, lower)
+        slot = torch.where(valid, idx, torch.full_like(idx, n))
+        ninf = torch.full((B, n + 1), float("-inf"), device=x.device, dtype=x.dtype)
+        new_l = ninf.scatter(1, slot, lo)[:, :n]
+        new_u = (-ninf).scatter(1, slot, hi)[:, :n]
+        pre[r] = (torch.maximum(lf, new_l).reshape(l.shape), torch.minimum(uf, new_u).reshape(u.shape))
+    return pre, ibp_pre
+
+
+def output(g, x, threat, pre, lower="adaptive", alpha=None, lower_only=False):
+    """Bounds of the output node of g (whose last op may be a folded specification)."""
+    from certlab.bounds.ops import SpecLinearOp
+
+    last = g.nodes[-1]
+    B = x.shape[0]
+    if last.kind == "affine" and isinstance(last.op, SpecLinearOp):
+        # start one node earlier with Λ = C·W (the spec folded into the last layer): no S×S identity
+        return both_bounds(g, last.inputs[0], last.op.W, pre, x, threat, lower, alpha, last.op.b, lower_only)
+    K = last.shape[0]
+    eye = torch.eye(K, device=x.device, dtype=x.dtype).unsqueeze(0).expand(B, -1, -1)
+    return both_bounds(g, len(g.nodes) - 1, eye, pre, x, threat, lower, alpha, None, lower_only)

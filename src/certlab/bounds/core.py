@@ -1,0 +1,252 @@
+"""The small core that walks a model: it turns a supported ``nn.Module`` into a graph of affine ops, ReLUs and
+additions, and validates the inputs of every bound call.
+
+The graph is a list of nodes in topological order. Node 0 is the input. ``affine`` nodes carry an
+:class:`~certlab.bounds.ops.AffineOp`; ``relu`` nodes apply max(0, ·) elementwise; ``add`` nodes sum two nodes
+(``certlab.nn.Residual``). Every node records ``name`` (its path in the model) and ``shape`` (per sample).
+
+BatchNorm becomes a per-channel affine map: with its running statistics in eval mode, and with the statistics of the
+current batch (the ones the forward pass uses) in train mode, computed from the batch's clean forward values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from certlab.bounds.ops import AffineOp, ChannelAffineOp, ConvOp, LinearOp, ReshapeOp
+from certlab.errors import InputError, UnsupportedLayerError
+from certlab import nn as cnn
+from certlab.threat import ThreatSet
+
+SUPPORTED = (
+    "Sequential, Linear, Conv2d, ReLU, Flatten, BatchNorm1d, BatchNorm2d, AvgPool2d, Identity, Dropout, "
+    "certlab.nn.Normalize, certlab.nn.Residual"
+)
+
+
+@dataclass
+class Node:
+    kind: str  # "input" | "affine" | "relu" | "add"
+    inputs: tuple = ()
+    op: AffineOp | None = None
+    name: str = ""
+    shape: tuple = ()
+
+
+@dataclass
+class Graph:
+    nodes: list = field(default_factory=list)
+    output_value: torch.Tensor | None = None  # model output at the centre (only when computed on the full batch)
+
+    @property
+    def output(self) -> int:
+        return len(self.nodes) - 1
+
+    @property
+    def relus(self) -> list:
+        return [i for i, n in enumerate(self.nodes) if n.kind == "relu"]
+
+    def add(self, node: Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+
+def _uses_batch_stats(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and (m.training or not m.track_running_stats)
+        for m in model.modules()
+    )
+
+
+def _own_forward(module: nn.Module, base: type) -> bool:
+    """True when a subclass overrides forward (we cannot see what it computes)."""
+    return type(module).forward is not base.forward
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class _Builder:
+    def __init__(self, graph: Graph):
+        self.g = graph
+
+    def walk(self, m: nn.Module, path: str, idx: int, val: torch.Tensor):
+        """Append the nodes of module m applied to node idx (whose centre value is val). Returns (idx, val)."""
+        where = path or "<model>"
+        for base in (nn.Sequential, cnn.Residual, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d,
+                     nn.BatchNorm2d, nn.AvgPool2d, nn.Identity, nn.Dropout, cnn.Normalize):
+            if isinstance(m, base):
+                if _own_forward(m, base):
+                    raise UnsupportedLayerError(
+                        f"layer '{where}' ({type(m).__name__}) overrides forward(); the bound engine supports {SUPPORTED}"
+                    )
+                break
+        else:
+            raise UnsupportedLayerError(
+                f"layer '{where}' of type {type(m).__name__} is not supported by the bound engine; supported: {SUPPORTED}"
+            )
+        sub = (lambda n: f"{path}.{n}" if path else n)
+        if isinstance(m, nn.Sequential):
+            for name, child in m.named_children():
+                idx, val = self.walk(child, sub(name), idx, val)
+            return idx, val
+        if isinstance(m, cnn.Residual):
+            a, va = self.walk(m.body, sub("body"), idx, val)
+            b, vb = self.walk(m.shortcut, sub("shortcut"), idx, val)
+            if va.shape != vb.shape:
+                raise InputError(f"residual '{where}': body gives {tuple(va.shape[1:])} but shortcut gives {tuple(vb.shape[1:])}")
+            if a == idx and b == idx:
+                return self._affine(ChannelAffineOp(val.new_tensor(2.0), val.new_tensor(0.0), val.shape[1:]), where, idx, val)
+            return self.g.add(Node("add", (a, b), None, where, tuple(va.shape[1:]))), va + vb
+        if isinstance(m, (nn.Identity, nn.Dropout)):
+            return idx, val
+        if isinstance(m, nn.ReLU):
+            return self.g.add(Node("relu", (idx,), None, where, tuple(val.shape[1:]))), torch.relu(val)
+        shape = tuple(val.shape[1:])
+        if isinstance(m, nn.Linear):
+            if len(shape) != 1 or shape[0] != m.in_features:
+                raise InputError(f"layer '{where}' (Linear) expects {m.in_features} features but receives shape {shape}")
+            return self._affine(LinearOp(m.weight, m.bias), where, idx, val)
+        if isinstance(m, nn.Flatten):
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise UnsupportedLayerError(f"layer '{where}' (Flatten) must flatten from dim 1 to -1")
+            n = 1
+            for s in shape:
+                n *= s
+            return self._affine(ReshapeOp(shape, (n,)), where, idx, val)
+        if isinstance(m, nn.Conv2d):
+            if len(shape) != 3 or shape[0] != m.in_channels:
+                raise InputError(f"layer '{where}' (Conv2d) expects [{m.in_channels}, H, W] but receives shape {shape}")
+            if m.padding_mode != "zeros":
+                raise UnsupportedLayerError(f"layer '{where}' (Conv2d) uses padding_mode={m.padding_mode!r}; only 'zeros'")
+            padding = m.padding
+            if isinstance(padding, str):
+                if padding != "valid":
+                    raise UnsupportedLayerError(f"layer '{where}' (Conv2d) uses padding={padding!r}; give explicit numbers")
+                padding = (0, 0)
+            out = m(val)
+            op = ConvOp(m.weight, m.bias, _pair(m.stride), _pair(padding), _pair(m.dilation), m.groups, shape, out.shape[1:])
+            return self._affine(op, where, idx, val, out)
+        if isinstance(m, nn.AvgPool2d):
+            if len(shape) != 3:
+                raise InputError(f"layer '{where}' (AvgPool2d) expects [C, H, W] but receives shape {shape}")
+            pad = _pair(m.padding)
+            if m.ceil_mode or m.divisor_override is not None or (not m.count_include_pad and any(pad)):
+                raise UnsupportedLayerError(
+                    f"layer '{where}' (AvgPool2d) with ceil_mode, divisor_override or count_include_pad=False is not supported"
+                )
+            k = _pair(m.kernel_size)
+            stride = _pair(m.stride if m.stride is not None else m.kernel_size)
+            C = shape[0]
+            w = val.new_full((C, 1, k[0], k[1]), 1.0 / (k[0] * k[1]))
+            out = m(val)
+            return self._affine(ConvOp(w, None, stride, pad, (1, 1), C, shape, out.shape[1:]), where, idx, val, out)
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            want = 3 if isinstance(m, nn.BatchNorm2d) else (1, 2)
+            if (len(shape) != want if isinstance(want, int) else len(shape) not in want) or shape[0] != m.num_features:
+                raise InputError(f"layer '{where}' ({type(m).__name__}) expects {m.num_features} channels, receives shape {shape}")
+            if m.training or not m.track_running_stats:
+                dims = [0] + list(range(2, val.dim()))
+                mean = val.mean(dims)
+                var = val.var(dims, unbiased=False)
+            else:
+                mean, var = m.running_mean, m.running_var
+            scale = torch.rsqrt(var + m.eps)
+            if m.weight is not None:
+                scale = scale * m.weight
+            shift = -mean * scale
+            if m.bias is not None:
+                shift = shift + m.bias
+            return self._affine(ChannelAffineOp(scale, shift, shape), where, idx, val)
+        if isinstance(m, cnn.Normalize):
+            if m.mean.numel() > 1 and m.mean.numel() != shape[0]:
+                raise InputError(f"layer '{where}' (Normalize) has {m.mean.numel()} channels but receives shape {shape}")
+            return self._affine(ChannelAffineOp(1.0 / m.std, -m.mean / m.std, shape), where, idx, val)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _affine(self, op, where, idx, val, out=None):
+        out = op.fwd(val) if out is None else out
+        return self.g.add(Node("affine", (idx,), op, where, tuple(out.shape[1:]))), out
+
+
+def build_graph(model: nn.Module, x: torch.Tensor) -> Graph:
+    """The graph of ``model`` for inputs shaped like ``x`` ([B, *input_shape]).
+
+    The centre forward runs on one sample, or on the whole batch when BatchNorm uses batch statistics.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    g = Graph()
+    g.add(Node("input", (), None, "<input>", tuple(x.shape[1:])))
+    full = _uses_batch_stats(model)
+    if full and x.shape[0] < 2 and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training for m in model.modules()):
+        raise InputError("BatchNorm in train mode needs a batch of at least 2 samples; call model.eval() first")
+    val = x if full else x[:1]
+    with torch.set_grad_enabled(torch.is_grad_enabled() and full):
+        _, out = _Builder(g).walk(model, "", 0, val)
+    if full:
+        g.output_value = out
+    if len(g.nodes) == 1:  # an identity model: keep one node so the output is not the input
+        g.add(Node("affine", (0,), ReshapeOp(tuple(x.shape[1:]), tuple(x.shape[1:])), "<identity>", tuple(x.shape[1:])))
+    return g
+
+
+def validate(model, x, threat) -> None:
+    if not isinstance(threat, ThreatSet):
+        raise InputError(f"threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion), got {type(threat).__name__}")
+    threat.validate(x)
+
+
+def output_dim(g: Graph) -> int:
+    s = g.nodes[-1].shape
+    if len(s) != 1:
+        raise InputError(f"the model's output must be a vector of logits per sample, got shape {s}")
+    return s[0]
+
+
+def check_spec(C, B: int, K: int, like: torch.Tensor) -> torch.Tensor | None:
+    """Return C as [B, S, K] on like's device, or raise InputError."""
+    if C is None:
+        return None
+    if not isinstance(C, torch.Tensor):
+        raise InputError(f"C must be a tensor [B, S, K] or [S, K], got {type(C).__name__}")
+    if C.dim() == 2:
+        C = C.unsqueeze(0).expand(B, -1, -1)
+    if C.dim() != 3 or C.shape[0] != B or C.shape[2] != K:
+        raise InputError(f"C must have shape [B={B}, S, K={K}] or [S, K={K}], got {tuple(C.shape)}")
+    if not torch.isfinite(C).all():
+        raise InputError("C contains NaN or inf")
+    return C.to(device=like.device, dtype=like.dtype)
+
+
+def check_labels(y, B: int, K: int, device) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        y = torch.as_tensor(y)
+    if y.dim() != 1 or y.shape[0] != B:
+        raise InputError(f"y must have shape [{B}], got {tuple(y.shape)}")
+    if y.is_floating_point():
+        raise InputError("y must hold integer class labels")
+    if B and (y.min() < 0 or y.max() >= K):
+        raise InputError(f"labels must lie in [0, {K - 1}], got range [{y.min().item()}, {y.max().item()}]")
+    return y.to(device=device, dtype=torch.long)
+
+
+def margin_spec(y: torch.Tensor, K: int, dtype) -> torch.Tensor:
+    """C [B, K, K] with row j = e_y − e_j (row y is zero), so C·f gives the margins f_y − f_j."""
+    B = y.shape[0]
+    eye = torch.eye(K, device=y.device, dtype=dtype)
+    return eye[y].unsqueeze(1) - eye.unsqueeze(0).expand(B, -1, -1)
+
+
+def relu_bounds(model, x, threat, method: str = "crown", **opts):
+    """Pre-activation bounds (lower, upper) of every ReLU of ``model`` in order, each [B, *shape]."""
+    from certlab.bounds.api import intermediate_bounds  # local: the API imports this module
+
+    validate(model, x, threat)
+    g = build_graph(model, x)
+    lb = intermediate_bounds(g, x, threat, method, **opts)
+    return [lb[i] for i in g.relus]

@@ -1,0 +1,227 @@
+"""Affine operators: every supported layer that is not a ReLU becomes one of these.
+
+An affine op maps a per-sample tensor z of shape ``in_shape`` to ``W z + b`` of shape ``out_shape``. Each op offers
+the handful of maps the relaxations need, all batched over a leading dimension N:
+
+- ``fwd(z) = W z + b``, ``lin(z) = W z`` (generators, differences), ``absfwd(r) = |W| r`` (interval radii),
+  ``sqfwd(v) = (W∘W) v`` (squared row norms, for ℓ2);
+- ``back(A) = A W`` for ``A`` of shape ``[N, S, *out_shape]`` (back-substitution) and ``bias_back(A) = A·b`` → ``[N, S]``;
+- ``diagonal``: True when W is diagonal (per-channel scaling), so composing it keeps row norms exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class AffineOp:
+    in_shape: tuple
+    out_shape: tuple
+    diagonal = False
+
+    def fwd(self, z):
+        raise NotImplementedError
+
+    def lin(self, z):
+        raise NotImplementedError
+
+    def absfwd(self, r):
+        raise NotImplementedError
+
+    def sqfwd(self, v):
+        raise NotImplementedError
+
+    def back(self, A):
+        raise NotImplementedError
+
+    def bias_back(self, A):
+        raise NotImplementedError
+
+    def dense(self):
+        """(W [n_out, n_in], b [n_out]) as explicit matrices (small networks only: MILP/LP encodings)."""
+        n_in = 1
+        for s in self.in_shape:
+            n_in *= s
+        eye = torch.eye(n_in, device=self._device(), dtype=self._dtype()).reshape(n_in, *self.in_shape)
+        W = self.lin(eye).reshape(n_in, -1).T.contiguous()
+        b = self.fwd(torch.zeros(1, *self.in_shape, device=eye.device, dtype=eye.dtype)).reshape(-1)
+        return W, b
+
+    def _device(self):
+        return torch.device("cpu")
+
+    def _dtype(self):
+        return torch.float32
+
+
+class LinearOp(AffineOp):
+    """Dense layer z ↦ W z + b (nn.Linear)."""
+
+    def __init__(self, weight, bias):
+        self.W, self.b = weight, bias
+        self.in_shape, self.out_shape = (weight.shape[1],), (weight.shape[0],)
+
+    def fwd(self, z):
+        return F.linear(z, self.W, self.b)
+
+    def lin(self, z):
+        return F.linear(z, self.W)
+
+    def absfwd(self, r):
+        return F.linear(r, self.W.abs())
+
+    def sqfwd(self, v):
+        return F.linear(v, self.W * self.W)
+
+    def back(self, A):
+        return A.matmul(self.W)
+
+    def bias_back(self, A):
+        if self.b is None:
+            return A.new_zeros(A.shape[:2])
+        return A.matmul(self.b)
+
+    def dense(self):
+        b = self.b if self.b is not None else self.W.new_zeros(self.W.shape[0])
+        return self.W, b
+
+    def _device(self):
+        return self.W.device
+
+    def _dtype(self):
+        return self.W.dtype
+
+
+class SpecLinearOp(AffineOp):
+    """Per-sample dense map z ↦ W[b] z + c[b] (W [B, S, n]): a specification C folded into the last layer."""
+
+    def __init__(self, weight, bias):
+        self.W, self.b = weight, bias
+        self.in_shape, self.out_shape = (weight.shape[2],), (weight.shape[1],)
+
+    def fwd(self, z):
+        return torch.einsum("bsn,bn->bs", self.W, z) + self.b
+
+    def lin(self, z):  # z: [B*G, n] where G generators per sample
+        B = self.W.shape[0]
+        zz = z.reshape(B, -1, z.shape[-1])
+        return torch.einsum("bsn,bgn->bgs", self.W, zz).reshape(-1, self.W.shape[1])
+
+    def absfwd(self, r):
+        return torch.einsum("bsn,bn->bs", self.W.abs(), r)
+
+    def back(self, A):
+        return torch.bmm(A, self.W)
+
+    def bias_back(self, A):
+        return torch.einsum("bts,bs->bt", A, self.b)
+
+
+class ConvOp(AffineOp):
+    """2-D convolution (nn.Conv2d with zero padding, or an AvgPool2d written as a depthwise convolution)."""
+
+    def __init__(self, weight, bias, stride, padding, dilation, groups, in_shape, out_shape):
+        self.W, self.b = weight, bias
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        kh, kw = weight.shape[2:]
+        oh, ow = out_shape[1:]
+        self.output_padding = (
+            in_shape[1] - ((oh - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kh - 1) + 1),
+            in_shape[2] - ((ow - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kw - 1) + 1),
+        )
+
+    def _conv(self, z, w, b=None):
+        return F.conv2d(z, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def fwd(self, z):
+        return self._conv(z, self.W, self.b)
+
+    def lin(self, z):
+        return self._conv(z, self.W)
+
+    def absfwd(self, r):
+        return self._conv(r, self.W.abs())
+
+    def sqfwd(self, v):
+        return self._conv(v, self.W * self.W)
+
+    def back(self, A):
+        N, S = A.shape[:2]
+        out = F.conv_transpose2d(
+            A.reshape(N * S, *self.out_shape), self.W, None, self.stride, self.padding,
+            self.output_padding, self.groups, self.dilation,
+        )
+        return out.reshape(N, S, *self.in_shape)
+
+    def bias_back(self, A):
+        if self.b is None:
+            return A.new_zeros(A.shape[:2])
+        return torch.einsum("nschw,c->ns", A, self.b)
+
+    def _device(self):
+        return self.W.device
+
+    def _dtype(self):
+        return self.W.dtype
+
+
+class ChannelAffineOp(AffineOp):
+    """Per-channel (dim 1) scaling and shift z ↦ s·z + t: BatchNorm (affine in eval or with fixed batch statistics)
+    and certlab.nn.Normalize."""
+
+    diagonal = True
+
+    def __init__(self, scale, shift, shape):
+        self.in_shape = self.out_shape = tuple(shape)
+        view = (-1,) + (1,) * (len(shape) - 1)
+        one = (1,) * len(shape)
+        self.s = scale.reshape(one if scale.numel() == 1 else view)
+        self.t = shift.reshape(one if shift.numel() == 1 else view)
+
+    def fwd(self, z):
+        return z * self.s + self.t
+
+    def lin(self, z):
+        return z * self.s
+
+    def absfwd(self, r):
+        return r * self.s.abs()
+
+    def sqfwd(self, v):
+        return v * (self.s * self.s)
+
+    def back(self, A):
+        return A * self.s
+
+    def bias_back(self, A):
+        return (A * self.t).flatten(2).sum(-1)
+
+    def _device(self):
+        return self.s.device
+
+    def _dtype(self):
+        return self.s.dtype
+
+
+class ReshapeOp(AffineOp):
+    """nn.Flatten (and any pure reshape): W is a permutation-free identity."""
+
+    diagonal = True
+
+    def __init__(self, in_shape, out_shape):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def fwd(self, z):
+        return z.reshape(z.shape[0], *self.out_shape)
+
+    lin = fwd
+    absfwd = fwd
+    sqfwd = fwd
+
+    def back(self, A):
+        return A.reshape(*A.shape[:2], *self.in_shape)
+
+    def bias_back(self, A):
+        return A.new_zeros(A.shape[:2])

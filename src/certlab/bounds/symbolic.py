@@ -1,0 +1,39 @@
+"""Forward symbolic forms shared by hBox and DeepZ.
+
+A node's value is represented as  z = G·x' + c + (extra terms),  x' in the threat set, where the *input block*
+G has shape [Bg, n_in, *shape] (Bg = 1 while G is the same for every sample, else B). Affine ops act on G through
+their linear part; concretising G uses the threat set's own support function (so ℓ2 and segment sets are handled
+with their dual norms, not a box).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def input_block(x):
+    n = x[0].numel()
+    return torch.eye(n, device=x.device, dtype=x.dtype).reshape(1, n, *x.shape[1:])
+
+
+def apply_lin(op, G):
+    """The linear part of op applied to each generator row of G [Bg, m, *s] → [Bg, m, *s']."""
+    Bg, m = G.shape[:2]
+    if m == 0:
+        return G.new_zeros(Bg, 0, *op.out_shape)
+    if Bg == 1 and getattr(op, "W", None) is not None and op.W.dim() == 3:  # per-sample spec op needs B rows
+        G = G.expand(op.W.shape[0], *G.shape[1:])
+        Bg = G.shape[0]
+    out = op.lin(G.reshape(Bg * m, *G.shape[2:]))
+    return out.reshape(Bg, m, *out.shape[1:])
+
+
+def concretize_input(G, x, threat):
+    """(lower, upper) of G·x' over the set, each [B, *shape]."""
+    B = x.shape[0]
+    shape = G.shape[2:]
+    n_in = G.shape[1]
+    Gb = G.expand(B, *G.shape[1:]) if G.shape[0] == 1 else G
+    A = Gb.reshape(B, n_in, -1).transpose(1, 2).reshape(B, -1, *x.shape[1:])
+    lo, hi = threat.concretize(A, x)
+    return lo.reshape(B, *shape), hi.reshape(B, *shape)
