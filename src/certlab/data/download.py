@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,17 +61,27 @@ def pick_folder(candidates, names) -> Path:
     return candidates[0]
 
 
-def md5_file(path: Path) -> str:
-    """md5 hex digest, cached per (path, mtime, size)."""
+def cache_key(path: Path):
+    """(path, inode, mtime, size) of a file, or ``None`` if it changed in the last 2 s (file-system timestamps can
+    be too coarse to tell two quick writes apart, so such a file is never served from a cache)."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
-    if key not in _MD5_CACHE:
-        h = hashlib.md5()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+    if time.time() - st.st_mtime < 2.0:
+        return None
+    return (str(path.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def md5_file(path: Path) -> str:
+    """md5 hex digest (cached per :func:`cache_key`)."""
+    key = cache_key(path)
+    if key in _MD5_CACHE:
+        return _MD5_CACHE[key]
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if key is not None:
         _MD5_CACHE[key] = h.hexdigest()
-    return _MD5_CACHE[key]
+    return h.hexdigest()
 
 
 def read_manifest(folder: Path) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from certlab.data.base import ArrayDataset, DatasetInfo
-from certlab.data.download import Remote, combine, download, pick_folder, resolve_root, verify, where_to_put
+from certlab.data.download import Remote, cache_key, combine, download, pick_folder, resolve_root, verify, where_to_put
 from certlab.errors import DataError
 
 _CACHE: dict = {}
@@ -65,11 +65,10 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """The uint8 array stored in an IDX file with ``ndim`` dimensions (cached per path, mtime and size)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, ndim)
-    if key in _CACHE:
-        return _CACHE[key]
+    """The uint8 array stored in an IDX file with ``ndim`` dimensions (cached per file version)."""
+    key = cache_key(path)
+    if key is not None and (key, ndim) in _CACHE:
+        return _CACHE[key, ndim]
     raw = _read_bytes(path)
     head = 4 + 4 * ndim
     if len(raw) < head:
@@ -84,9 +83,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         raise DataError(f"{path}: header declares sizes {dims} = {need} bytes but the payload has {have} "
                         f"({'truncated' if have < need else 'trailing garbage'})")
     arr = np.frombuffer(raw, dtype=np.uint8, count=need, offset=head).reshape(dims)
-    if len(_CACHE) >= 8:  # a few decoded files at most
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = arr
+    if key is not None:
+        if len(_CACHE) >= 8:  # a few decoded files at most
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key, ndim] = arr
     return arr
 
 

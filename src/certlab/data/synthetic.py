@@ -5,8 +5,9 @@
 - ``linsep``: y ∈ {−1, +1} equiprobable (labels 0, 1), x = [γ·y; x̃], x̃ ~ N(0, σ² I_{d−1}). The hyperplane
   x₁ = 0 separates the classes with margin exactly γ (only the first coordinate carries signal).
 
-Each (seed, split) pair has its own random stream (``numpy.random.SeedSequence([seed, dataset tag, split])``), so
-the test split is drawn independently of the training split and the data is identical for a given seed.
+Each (seed, split) pair has its own random streams (``numpy.random.SeedSequence([seed, dataset tag, split])``), so
+the test split is drawn independently of the training split, the data is identical for a given seed, and the first
+m points of a draw of n ≥ m points are the draw of m points.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ def info(name: str, d: int = 10, **_) -> DatasetInfo:
     return DatasetInfo(name, (positive_int("d", d),), 2, None, None, None)
 
 
-def _rng(name: str, split: str, seed) -> np.random.Generator:
+def _rngs(name: str, split: str, seed) -> tuple:
+    """(label stream, feature stream): separate streams keep the first m points of a larger draw identical."""
     if isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    return np.random.default_rng(np.random.SeedSequence([int(seed), _TAG[name], _SPLIT[split]]))
+    ss = np.random.SeedSequence([int(seed), _TAG[name], _SPLIT[split]])
+    return tuple(np.random.default_rng(s) for s in ss.spawn(2))
 
 
 def _size(split: str, n, n_test) -> int:
@@ -52,9 +55,9 @@ def spheres(split: str, d=10, n=1000, n_test=None, r0=1.0, r1=None, margin=None,
     """``n`` points (``n_test`` for the test split if given) on two concentric spheres in R^d."""
     d, size = positive_int("d", d), _size(split, n, n_test)
     r0, r1 = _radii(r0, r1, margin)
-    rng = _rng("spheres", split, seed)
-    y = rng.integers(0, 2, size=size)
-    z = rng.standard_normal((size, d))
+    ry, rz = _rngs("spheres", split, seed)
+    y = (ry.random(size) < 0.5).astype(np.int64)
+    z = rz.standard_normal((size, d))
     norms = np.linalg.norm(z, axis=1, keepdims=True)
     x = z / np.maximum(norms, 1e-300) * np.where(y == 1, r1, r0)[:, None]
     return ArrayDataset(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64)),
@@ -66,10 +69,10 @@ def linsep(split: str, d=10, n=1000, n_test=None, margin=None, sigma=1.0, seed=0
     d, size = positive_int("d", d), _size(split, n, n_test)
     gamma = DEFAULT_MARGIN["linsep"] if margin is None else real("margin", margin, 0.0)
     sigma = real("sigma", sigma, 0.0, strict=False)
-    rng = _rng("linsep", split, seed)
-    label = rng.integers(0, 2, size=size)
+    ry, rz = _rngs("linsep", split, seed)
+    label = (ry.random(size) < 0.5).astype(np.int64)
     x = np.empty((size, d))
     x[:, 0] = gamma * (2 * label - 1)
-    x[:, 1:] = sigma * rng.standard_normal((size, d - 1))
+    x[:, 1:] = sigma * rz.standard_normal((size, d - 1))
     return ArrayDataset(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(label.astype(np.int64)),
                         "linsep", split, info("linsep", d))
