@@ -7,3 +7,4 @@ from certlab import nn  # noqa: F401
 from certlab.threat import LinfBall, L2Ball, SegmentUnion  # noqa: F401
 from certlab import bounds  # noqa: F401,E402  (callable module: certlab.bounds(model, x, threat, ...))
 from certlab.bounds import METHODS, Bounds, margins, certify  # noqa: F401,E402
+from certlab.verify.radius import certified_radius, average_certified_radius  # noqa: F401,E402
