@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import certlab.data as D
-from certlab.data import cifar, download, idx, svhn
+from certlab.data import cifar, download, idx
 from certlab.errors import CertlabError, DataError, InputError
 from certlab.threat import SegmentUnion
 
 torch.manual_seed(0)
 
-SHARED_MNIST = Path(os.environ.get("CERTLAB_TEST_MNIST") or Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
+SHARED_MNIST = Path(os.environ.get("CERTLAB_TEST_MNIST")
+                    or Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
 MNIST_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 needs_mnist = pytest.mark.skipif(not all((SHARED_MNIST / f).is_file() for f in MNIST_FILES),
@@ -267,6 +268,9 @@ def test_shared_mnist_flipped_copy(tmp_path):
     (tmp_path / "md5sums").unlink()  # without the list, the gzip CRC still catches it
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz"):
         D.load("mnist", "test", root=tmp_path)
+    shutil.copy(SHARED_MNIST / "t10k-labels-idx1-ubyte.gz", tmp_path / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(DataError, match="official mnist file, not fashion-mnist"):
+        D.load("fashion-mnist", "test", root=tmp_path)
 
 
 # ---------------------------------------------------------------- CIFAR-10 and SVHN (generated)

@@ -89,8 +89,9 @@ def _extract(archive: Path, dest: Path, names) -> None:
                 if m.name in wanted and m.isfile():
                     data = tf.extractfile(m).read()
                     got = hashlib.md5(data).hexdigest()
-                    if got != MD5[wanted[m.name]]:
-                        raise DataError(f"{archive}: member {m.name} has md5 {got}, not the official {MD5[wanted[m.name]]}")
+                    want = MD5[wanted[m.name]]
+                    if got != want:
+                        raise DataError(f"{archive}: member {m.name} has md5 {got}, not the official {want}")
                     write_atomic(dest / wanted[m.name], data)
                     record(dest, wanted[m.name], got)
                     wanted.pop(m.name)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from certlab.data.base import ArrayDataset, DatasetInfo
-from certlab.data.download import Remote, cache_key, combine, download, pick_folder, resolve_root, verify, where_to_put
+from certlab.data.download import (Remote, cache_key, combine, download, md5_file, pick_folder, resolve_root, verify,
+                                   where_to_put)
 from certlab.errors import DataError
 
 _CACHE: dict = {}
@@ -112,6 +113,10 @@ def load(name: str, split: str, root=None, download_missing: bool = True) -> Arr
         download(name, folder, missing)
         paths = [_find(folder, img_name), _find(folder, lab_name)]
     how = {verify(p, _MD5[name]) for p in paths}
+    other = "fashion-mnist" if name == "mnist" else "mnist"
+    for p in paths:  # same file names for both sets: catch a folder of the other one
+        if p.name in _MD5[other] and md5_file(p) == _MD5[other][p.name]:
+            raise DataError(f"{p} is the official {other} file, not {name} (wrong folder?)")
     images, labels = read_idx(paths[0], 3), read_idx(paths[1], 1)
     if images.shape[1:] != (28, 28):
         raise DataError(f"{paths[0]}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
