@@ -270,3 +270,11 @@ def test_bad_inputs_raise_certlab_errors():
         A.run(lambda z: z.sum(1), x, y, t)
     with pytest.raises(CertlabError, match="unknown attack method"):
         A.robust_error(model, x, y, t, attacks=("apgd-ce", "cw"))
+
+
+def test_apgd_checkpoint_schedule():
+    from certlab.attacks.apgd import checkpoints
+
+    # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 (Croce & Hein 2020, Sec. 3.2)
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(1) == []

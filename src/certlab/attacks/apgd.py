@@ -41,7 +41,8 @@ def checkpoints(steps: int) -> list[int]:
         if nxt > 1:
             break
         p.append(nxt)
-    return sorted({math.ceil(q * steps) for q in p[1:] if 0 < math.ceil(q * steps) < steps})
+    marks = {math.ceil(q * steps - 1e-9) for q in p[1:]}
+    return sorted(w for w in marks if 0 < w < steps)
 
 
 def apgd(model, x, y, threat, generator, steps: int = 100, loss: str = "ce", target=None,

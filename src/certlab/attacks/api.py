@@ -93,6 +93,8 @@ def run(model, x, y, threat, method: str = "apgd-ce", steps: int | None = None, 
     ``refine`` (3), ``refine_points`` (21), ``chunk`` (8192).
     """
     _check_method(method)
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 0:
+        return x.detach().clone()  # an empty batch has nothing to attack
     check_inputs(model, x, y, threat)
     check_positive_int("restarts", restarts)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -146,6 +148,9 @@ def robust_error(model, x, y, threat, attacks=("apgd-ce", "apgd-t"), return_adv:
         raise InputError("attacks must name at least one method")
     for a in attacks:
         _check_method(a)
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.bool, device=x.device)
+        return (empty, x.detach().clone()) if return_adv else empty
     check_inputs(model, x, y, threat)
     y = y.to(device=x.device, dtype=torch.long)
     x = x.detach()

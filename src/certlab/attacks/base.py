@@ -203,8 +203,10 @@ class Best:
 
 
 def finish(threat, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Project into the set one last time and verify membership; the result is detached."""
+    """Project into the set one last time, clamp to the domain and verify membership; the result is detached."""
     out = threat.project(x_adv.detach(), x)
+    if threat.domain is not None:  # exact domain membership despite rounding; clamping never moves away from x
+        out = out.clamp(threat.domain[0], threat.domain[1])
     ok = threat.contains(out, x)
     if not bool(ok.all()):
         bad = int((~ok).sum())
