@@ -278,3 +278,22 @@ def test_apgd_checkpoint_schedule():
     # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 (Croce & Hein 2020, Sec. 3.2)
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
     assert checkpoints(1) == []
+
+
+@pytest.mark.parametrize("kind", ["linf", "l2", "segments"])
+def test_attack_never_beats_sound_lower_bound(kind):
+    """Cross-check with the bound engine: attacked margins ≥ CROWN lower bounds (else a bug in one of them)."""
+    import certlab
+
+    torch.manual_seed(11)
+    model = _mlp(6, 4, h=16)
+    x = torch.rand(10, 6)
+    y = model(x).argmax(1).detach()
+    threat = {"linf": LinfBall(torch.linspace(0.0, 0.2, 10)), "l2": L2Ball(0.3),
+              "segments": SegmentUnion(torch.randn(3, 6), 0.5, domain=(0.0, 1.0))}[kind]
+    lb = certlab.margins(model, x, y, threat, method="crown")  # [B, K], column y = 0
+    lb = lb.scatter(1, y.view(-1, 1), float("inf")).min(1).values
+    err = A.robust_error(model, x, y, threat, attacks=("apgd-ce", "apgd-t"), steps=30)
+    xa = A.run(model, x, y, threat, method="apgd-ce", steps=30)
+    assert (_margin(model, xa, y) >= lb - 1e-5).all()
+    assert not (err & (lb > 0)).any()  # no attack succeeds where robustness is certified
