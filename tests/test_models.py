@@ -1,7 +1,6 @@
 """Tests for the model zoo certlab.models: shapes, layer specs, allowed layer types, IBP init, errors, bound methods."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -277,35 +276,43 @@ def _engine():
     return certlab.bounds, certlab.METHODS
 
 
-# small inputs keep full CROWN / alpha-CROWN fast; layer support does not depend on the input size
-BOUND_CASES = [("mlp", VECTOR), ("mlp", (1, 8, 8)), ("fc5", (1, 8, 8)), ("conv", (1, 8, 8)),
-               ("convplus", (1, 12, 12)), ("wong-small", (1, 8, 8)), ("wong-large", (1, 8, 8)),
-               ("wong-resnet", (1, 8, 8)), ("cnn7", (1, 8, 8))]
+# Layer support does not depend on sizes, so the all-methods check uses small inputs (and a narrow cnn7) to stay
+# fast on 2 shared cores: measured there, full CROWN/Fast-Lin on default cnn7 at 1x8x8 took 24-32 s and on
+# wong-resnet at 1x8x8 13 s. The full-size CIFAR models are checked with ibp and crown-ibp below.
+BOUND_CASES = [("mlp", VECTOR, {}), ("mlp", (1, 8, 8), {}), ("fc5", (1, 8, 8), {}), ("conv", (1, 8, 8), {}),
+               ("convplus", (1, 12, 12), {}), ("wong-small", (1, 8, 8), {}), ("wong-large", (1, 8, 8), {}),
+               ("wong-resnet", (1, 4, 4), {}), ("cnn7", (1, 8, 8), dict(width=8, linear=32))]
+OPTS = {"alpha-crown": dict(iters=3)}
 
 
-@pytest.mark.parametrize("name,shape", BOUND_CASES)
-def test_every_bound_method_supports_zoo(name, shape):
+def _check_sound(model, x, threat, b, what):
+    pts = threat.sample(x, 16)  # [n, B, *in]
+    ys = model(pts.reshape(-1, *x.shape[1:])).reshape(16, x.shape[0], -1)
+    assert torch.all(b.lower <= ys.amin(0) + 1e-4) and torch.all(ys.amax(0) <= b.upper + 1e-4), what
+
+
+@pytest.mark.parametrize("name,shape,params", BOUND_CASES)
+def test_every_bound_method_supports_zoo(name, shape, params):
     bounds, methods = _engine()
     torch.manual_seed(0)
-    model = models.build(name, shape, K, normalize=([0.5], [0.25]) if len(shape) == 3 else None).eval()
+    normalize = ([0.5], [0.25]) if len(shape) == 3 else None
+    model = models.build(name, shape, K, normalize=normalize, **params).eval()
     x = torch.rand(2, *shape)
-    y = model(x)
-    for method in methods:
-        t0 = time.perf_counter()
-        b = bounds(model, x, certlab.LinfBall(0.01), method=method)
-        lo, hi = b.lower, b.upper
-        assert lo.shape == hi.shape == (2, K), method
-        assert torch.all(lo <= y + 1e-4) and torch.all(y <= hi + 1e-4), f"{name}/{method}: unsound at centre"
-        assert time.perf_counter() - t0 < 30, f"{name}/{method} too slow"
+    threat = certlab.LinfBall(0.01)
+    with torch.no_grad():
+        for method in methods:
+            b = bounds(model, x, threat, method=method, **OPTS.get(method, {}))
+            assert b.lower.shape == b.upper.shape == (2, K), method
+            _check_sound(model, x, threat, b, f"{name}/{method}")
 
 
 @pytest.mark.parametrize("name", ["wong-large", "wong-resnet", "cnn7"])
 def test_cheap_bounds_on_cifar_sized_heavy_models(name):
-    bounds, methods = _engine()
+    bounds, _ = _engine()
     torch.manual_seed(0)
     model = models.build(name, (3, 32, 32), K).eval()
     x = torch.rand(1, 3, 32, 32)
-    y = model(x)
-    for method in ("ibp", "crown-ibp"):
-        b = bounds(model, x, certlab.LinfBall(0.001), method=method)
-        assert torch.all(b.lower <= y + 1e-4) and torch.all(y <= b.upper + 1e-4), method
+    threat = certlab.LinfBall(0.001)
+    with torch.no_grad():
+        for method in ("ibp", "crown-ibp"):
+            _check_sound(model, x, threat, bounds(model, x, threat, method=method), f"{name}/{method}")
