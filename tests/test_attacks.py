@@ -270,6 +270,8 @@ def test_bad_inputs_raise_certlab_errors():
         A.run(lambda z: z.sum(1), x, y, t)
     with pytest.raises(CertlabError, match="unknown attack method"):
         A.robust_error(model, x, y, t, attacks=("apgd-ce", "cw"))
+    with pytest.raises(InputError, match="rho"):
+        A.run(model, x, y, t, method="apgd-ce", rho=1.5)
 
 
 def test_apgd_checkpoint_schedule():

@@ -31,10 +31,11 @@ from certlab.attacks.base import (
     loss_and_grad,
     random_start,
 )
+from certlab.errors import InputError
 
 
 def checkpoints(steps: int) -> list[int]:
-    """The iterations ``w_j = ⌈p_j·steps⌉`` (j ≥ 1, ``p_j ≤ 1``) at which the step-size conditions are checked."""
+    """Iterations ``w_j = ⌈p_j·steps⌉`` (j ≥ 1, ``p_j ≤ 1``) where the step-size conditions are checked."""
     p = [0.0, 0.22]
     while True:
         nxt = p[-1] + max(p[-1] - p[-2] - 0.03, 0.06)
@@ -48,6 +49,9 @@ def checkpoints(steps: int) -> list[int]:
 def apgd(model, x, y, threat, generator, steps: int = 100, loss: str = "ce", target=None,
          rho: float = 0.75, momentum: float = 0.75, rand_init: bool = True) -> Best:
     """One APGD run on the (already validated) batch; ``target`` [B] selects targeted DLR. Returns the best points."""
+    for name, v in (("rho", rho), ("momentum", momentum)):
+        if not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise InputError(f"{name} must be a number in (0, 1], got {v!r}")
     if target is not None:
         lf = lambda z: dlr_targeted_loss(z, y, target)  # noqa: E731
     elif loss == "dlr":

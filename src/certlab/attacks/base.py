@@ -5,8 +5,8 @@ Notation: logits ``z = f(x)`` of shape ``[B, K]``, labels ``y`` of shape ``[B]``
 - margin ``m(z, y) = z_y − max_{j≠y} z_j``; the point is misclassified when ``argmax z ≠ y`` (then ``m ≤ 0``);
 - DLR (Croce & Hein 2020): ``−(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e-12)`` with ``π`` the logits sorted
   decreasingly (scale 1 when ``K < 3``);
-- targeted DLR towards class ``t``: ``−(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12)`` (``z_π1 − z_π3`` when
-  ``K = 3``, scale 1 when ``K = 2``).
+- targeted DLR towards class ``t``: ``−(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12)``
+  (``z_π1 − z_π3`` when ``K = 3``, scale 1 when ``K = 2``).
 
 All losses are per sample (``[B]``) and are *maximised* by the attacks.
 """
@@ -28,7 +28,8 @@ def check_inputs(model, x, y, threat) -> None:
     if not callable(model):
         raise InputError(f"model must be a callable (torch.nn.Module), got {type(model).__name__}")
     if not isinstance(threat, ThreatSet):
-        raise InputError(f"threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion), got {type(threat).__name__}")
+        raise InputError("threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion), "
+                         f"got {type(threat).__name__}")
     threat.validate(x)
     if not isinstance(y, torch.Tensor):
         raise InputError(f"y must be a torch.Tensor of class indices, got {type(y).__name__}")

@@ -17,7 +17,8 @@ from certlab.attacks.base import LOSSES, Best, ascent_direction, bview, loss_and
 from certlab.errors import InputError
 
 
-def pgd(model, x, y, threat, generator, steps: int = 20, step_size=None, loss: str = "ce", rand_init: bool = True) -> Best:
+def pgd(model, x, y, threat, generator, steps: int = 20, step_size=None, loss: str = "ce",
+        rand_init: bool = True) -> Best:
     """One PGD run on the (already validated) batch; returns the per-sample best points."""
     if loss not in LOSSES:
         raise InputError(f"unknown PGD loss {loss!r}; choose from {sorted(LOSSES)}")
