@@ -22,17 +22,22 @@ from certlab.models.wong import build_wong_large, build_wong_resnet, build_wong_
 from certlab.nn import Normalize
 
 _ZOO = {
-    "mlp": (build_mlp, "fully connected ReLU net, fc h1 − … − fc K; param hidden=(100,) (De Bartolomeis et al.)"),
-    "fc5": (build_fc5, "fc 400 − 200 − 100 − 100 − K (Jovanović et al. 2022 FC5)"),
-    "conv": (build_conv, "conv(16,k4,s2,p1) − fc 100 − fc K (Jovanović et al. 2022 CONV)"),
-    "convplus": (build_convplus, "conv(16,k4,s2,p0) − conv(32,k4,s1,p0) − fc 100 − fc K (Jovanović et al. 2022 CONV+)"),
-    "wong-small": (build_wong_small, "conv(16,k4,s2,p1) − conv(32,k4,s2,p1) − fc 100 − fc K (Wong & Kolter 2018)"),
-    "wong-large": (build_wong_large, "conv(32,k3,s1,p1) − conv(32,k4,s2,p1) − conv(64,k3,s1,p1) − conv(64,k4,s2,p1)"
-                                     " − fc 512 − fc 512 − fc K (Wong et al. 2018)"),
-    "wong-resnet": (build_wong_resnet, "conv16 − residual blocks 16,16,32,64 (conv shortcuts) − fc 1000 − fc K "
-                                       "(Wong et al. 2018); params blocks=1, factor=1"),
-    "cnn7": (build_cnn7, "CNN-7 with BatchNorm: conv 64,64,128(s2),128,128 (3×3, p1) − fc 512 − fc K "
-                         "(Shi et al. 2021); params width=64, linear=512"),
+    "mlp": (build_mlp, "fully connected ReLU net fc h1 - ... - fc K; param hidden=(100,) (De Bartolomeis et al.)"),
+    "fc5": (build_fc5, "fc 400-200-100-100-K (Jovanovic et al. 2022 FC5)"),
+    "conv": (build_conv, "conv(16,k4,s2,p1) - fc 100 - fc K (Jovanovic et al. 2022 CONV)"),
+    "convplus": (build_convplus,
+                 "conv(16,k4,s2,p0) - conv(32,k4,s1,p0) - fc 100 - fc K (Jovanovic et al. 2022 CONV+)"),
+    "wong-small": (build_wong_small,
+                   "conv(16,k4,s2,p1) - conv(32,k4,s2,p1) - fc 100 - fc K (Wong & Kolter 2018)"),
+    "wong-large": (build_wong_large,
+                   "conv(32,k3,s1,p1) - conv(32,k4,s2,p1) - conv(64,k3,s1,p1) - conv(64,k4,s2,p1)"
+                   " - fc 512 - fc 512 - fc K (Wong et al. 2018)"),
+    "wong-resnet": (build_wong_resnet,
+                    "conv16 - residual blocks 16,16,32,64 (conv shortcuts) - fc 1000 - fc K (Wong et al. 2018); "
+                    "params blocks=1, factor=1"),
+    "cnn7": (build_cnn7,
+             "CNN-7 with BatchNorm: conv 64,64,128(s2),128,128 (3x3, p1) - fc 512 - fc K (Shi et al. 2021); "
+             "params width=64, linear=512"),
 }
 
 NAMES: list[str] = list(_ZOO)

@@ -7,10 +7,11 @@ For a Linear or Conv2d layer with fan-in n (n = in_features, or in_channels·kh�
 Why: E|w| = σ√(2/π); if about half of the inputs' interval radii survive the ReLU, the expected output radius is
 n · σ√(2/π) · Δ/2 = Δ, so IBP interval widths neither explode nor vanish with depth at initialisation.
 
-Residual connections (our reading of the paper and its description of the released setup): the sum of two branches
-roughly doubles the interval radius, so every Linear/Conv2d whose input is a residual sum (directly or through
-element-wise layers such as ReLU, BatchNorm, Dropout, Flatten) gets its weights halved. Convs inside a block (body
-and shortcut) are initialised like any other layer with their own fan-in.
+Residual connections (our reading of the paper and of the authors' public release; no code copied): a sum of
+two branches roughly doubles the interval radius, so every Linear/Conv2d whose input is a residual sum (directly or
+through element-wise layers such as ReLU, BatchNorm, Dropout, Flatten) gets σ/2. That covers the first conv of a
+block's body and its shortcut conv when the block follows another block, and the first fc after the last block;
+all other convs of a block use the plain σ with their own fan-in.
 
 BatchNorm layers are reset to their identity affine map (γ = 1, β = 0, running mean 0 / variance 1): BN
 re-normalises the pre-activations anyway, and the scheme only prescribes Linear/Conv weights.

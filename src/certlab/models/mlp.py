@@ -1,4 +1,4 @@
-"""Fully connected ReLU network ``mlp``: [Flatten] − fc h₁ − … − fc h_L − fc K (ReLU after every hidden layer).
+"""Fully connected ReLU network ``mlp``: [Flatten] − fc h₁ − … − fc h_L − fc K, ReLU after hidden layers.
 
 De Bartolomeis et al. use one hidden layer of 100 units, the default ``hidden=(100,)``.
 """
