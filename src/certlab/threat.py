@@ -99,7 +99,7 @@ class ThreatSet:
         if not torch.isfinite(x).all():
             raise InputError("x contains NaN or inf")
         self.eps_vector(x)
-        if self.domain is not None:
+        if self.domain is not None and x.numel():
             lo, hi = self.domain
             if x.min().item() < lo - _DOMAIN_TOL or x.max().item() > hi + _DOMAIN_TOL:
                 raise InputError(
@@ -203,13 +203,18 @@ class L2Ball(ThreatSet):
         B = x.shape[0]
         e = self.eps_vector(x)
         clip = (lambda t: t.clamp(self.domain[0], self.domain[1])) if self.domain is not None else (lambda t: t)
+        view = (-1,) + (1,) * (x.dim() - 1)
         p0 = clip(z)
         d0 = (p0 - x).reshape(B, -1).norm(dim=1)
         if bool((d0 <= e).all()):
             return p0
+        # fast path: when the projection onto the ball already lies in the box it is the projection onto ball ∩ box
+        dz = (z - x).reshape(B, -1).norm(dim=1)
+        pb = x + (z - x) * torch.where(dz > e, e / dz.clamp_min(1e-30), torch.ones_like(dz)).view(view)
+        if self.domain is None or bool(((pb >= self.domain[0]) & (pb <= self.domain[1])).all()):
+            return pb
         lam_lo = torch.zeros(B, device=x.device, dtype=x.dtype)
         lam_hi = torch.ones(B, device=x.device, dtype=x.dtype)
-        view = (-1,) + (1,) * (x.dim() - 1)
 
         def dist(lam):
             lv = lam.view(view)

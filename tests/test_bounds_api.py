@@ -1,0 +1,172 @@
+"""The bound engine's contract: shapes, bad input, unsupported layers, gradients and theory-guaranteed relations."""
+
+import pytest
+import torch
+from torch import nn
+
+import certlab
+from certlab.errors import InputError, UnsupportedLayerError
+from nets import cnn, mlp
+
+
+@pytest.fixture
+def net():
+    return mlp(1, widths=(4, 16, 16, 3))
+
+
+def test_public_api_shapes(net):
+    x = torch.rand(5, 4)
+    assert certlab.METHODS == ("ibp", "hbox", "deepz", "fastlin", "crown", "crown-ibp", "alpha-crown")
+    b = certlab.bounds(net, x, certlab.LinfBall(0.05), method="crown")
+    assert isinstance(b, certlab.Bounds) and b.lower.shape == (5, 3) and b.upper.shape == (5, 3)
+    assert (b.lower <= b.upper).all()
+    y = net(x).argmax(1)
+    ok = certlab.certify(net, x, y, certlab.LinfBall(0.0))
+    assert ok.dtype == torch.bool and ok.all()  # eps = 0 certifies every correctly classified point
+    rb = certlab.bounds.relu_bounds(net, x, certlab.LinfBall(0.05), "crown")
+    assert len(rb) == 2 and rb[0][0].shape == (5, 16)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m, x: certlab.bounds(m, torch.rand(5, 7), certlab.LinfBall(0.1)), "expects 4 features"),
+        (lambda m, x: certlab.bounds(m, x.masked_fill(x > 0.5, float("nan")), certlab.LinfBall(0.1)), "NaN"),
+        (lambda m, x: certlab.bounds(m, x, certlab.LinfBall(-0.1)), "eps must be >= 0"),
+        (lambda m, x: certlab.bounds(m, x, certlab.LinfBall(float("nan"))), "finite"),
+        (lambda m, x: certlab.bounds(m, x, certlab.LinfBall(torch.tensor([0.1, float("nan")] * 2 + [0.1]))), "NaN"),
+        (lambda m, x: certlab.bounds(m, x, certlab.LinfBall(torch.full((3,), 0.1))), "3 radii but the batch has 5"),
+        (lambda m, x: certlab.bounds(m, x + 2.0, certlab.LinfBall(0.1)), "outside the domain"),
+        (lambda m, x: certlab.bounds(m, x, certlab.LinfBall(0.1), C=torch.ones(5, 2, 4)), "C must have shape"),
+        (lambda m, x: certlab.bounds(m, x, certlab.LinfBall(0.1), method="nope"), "unknown bound method"),
+        (lambda m, x: certlab.bounds(m, x, "linf"), "threat must be"),
+        (lambda m, x: certlab.margins(m, x, torch.tensor([0, 1]), certlab.LinfBall(0.1)), "y must have shape"),
+        (lambda m, x: certlab.margins(m, x, torch.full((5,), 7), certlab.LinfBall(0.1)), "labels must lie in"),
+        (lambda m, x: certlab.bounds(m, x[0], certlab.LinfBall(0.1)), "batch dimension"),
+        (lambda m, x: certlab.bounds(m, x, certlab.LinfBall(0.1), method="crown-ibp", beta=2.0), "beta"),
+    ],
+)
+def test_bad_input_raises_named_error(net, call, match):
+    x = torch.rand(5, 4)
+    with pytest.raises(InputError, match=match):
+        call(net, x)
+
+
+def test_domain_none_allows_any_input(net):
+    x = torch.randn(3, 4) * 5
+    b = certlab.bounds(net, x, certlab.LinfBall(0.1, domain=None), method="crown")
+    assert torch.isfinite(b.lower).all()
+
+
+class Weird(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+class MySeq(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 3
+
+
+@pytest.mark.parametrize(
+    "model, where",
+    [
+        (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), "'1' of type Tanh"),
+        (nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.ReLU(), nn.Sequential(Weird())), nn.Linear(5, 3)), "'1.1.0' of type Weird"),
+        (nn.Sequential(MySeq(nn.Linear(4, 3))), "overrides forward"),
+        (nn.Sequential(nn.Linear(4, 8), nn.Unflatten(1, (2, 4)), nn.Flatten(), nn.Linear(8, 3)), "Unflatten"),
+    ],
+)
+@pytest.mark.parametrize("method", certlab.METHODS)
+def test_unsupported_layer_names_path_and_type(model, where, method):
+    with pytest.raises(UnsupportedLayerError, match=where):
+        certlab.bounds(model, torch.rand(2, 4), certlab.LinfBall(0.1), method=method)
+
+
+@pytest.mark.parametrize("method", certlab.METHODS)
+def test_gradients_reach_every_parameter(method):
+    model = cnn(2, bn=True, residual=True, normalize=True)
+    model.train()
+    x = torch.rand(4, 1, 6, 6)
+    y = torch.tensor([0, 1, 2, 0])
+    m = certlab.margins(model, x, y, certlab.LinfBall(0.03), method=method)
+    loss = torch.nn.functional.cross_entropy(-m, y)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{method}: no gradient for {name}"
+        assert torch.isfinite(p.grad).all(), f"{method}: non-finite gradient for {name}"
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("threat", [certlab.LinfBall(0.05), certlab.L2Ball(0.3)])
+def test_theory_relations(threat):
+    """α-CROWN ≥ CROWN (it starts from CROWN's slopes); CROWN-IBP β interpolates IBP and CROWN-IBP;
+    DeepZ and Fast-Lin agree on a one-hidden-layer net (same parallel relaxation), both at least as tight as IBP."""
+    torch.manual_seed(0)
+    model = mlp(5, widths=(6, 20, 20, 4))
+    x = torch.rand(8, 6)
+    cr = certlab.bounds(model, x, threat, "crown")
+    ac = certlab.bounds(model, x, threat, "alpha-crown", iters=15)
+    assert (ac.lower >= cr.lower - 1e-6).all() and (ac.upper <= cr.upper + 1e-6).all()
+    assert (ac.lower > cr.lower + 1e-4).any(), "alpha optimisation should improve some bound"
+    ibp = certlab.bounds(model, x, threat, "ibp")
+    ci = certlab.bounds(model, x, threat, "crown-ibp")
+    half = certlab.bounds(model, x, threat, "crown-ibp", beta=0.5)
+    assert torch.allclose(half.lower, 0.5 * ibp.lower + 0.5 * ci.lower, atol=1e-5)
+    assert torch.allclose(certlab.bounds(model, x, threat, "crown-ibp", beta=0.0).lower, ibp.lower)
+    one = mlp(6, widths=(6, 20, 4))
+    dz = certlab.bounds(one, x, threat, "deepz")
+    fl = certlab.bounds(one, x, threat, "fastlin")
+    ib1 = certlab.bounds(one, x, threat, "ibp")
+    assert torch.allclose(dz.lower, fl.lower, atol=1e-4) and torch.allclose(dz.upper, fl.upper, atol=1e-4)
+    assert (fl.lower >= ib1.lower - 1e-5).all()
+
+
+@pytest.mark.parametrize("method", [m for m in certlab.METHODS if m != "ibp"])
+def test_exact_when_no_neuron_crosses(method):
+    """With every ReLU stable, the network is affine on the set: every symbolic method returns the exact range
+    (IBP is not exact through two stacked affine maps, so it is not in this list; see the next test)."""
+    model = mlp(7, widths=(4, 10, 10, 3))
+    x = torch.rand(6, 4) * 0.5 + 0.25
+    th = certlab.LinfBall(1e-4)
+    pre = certlab.bounds.relu_bounds(model, x, th, "ibp")
+    assert all(((l >= 0) | (u <= 0)).all() for l, u in pre), "test setup: a neuron crosses"
+    b = certlab.bounds(model, x, th, method)
+    # exact range of an affine map over a box: evaluate at the optimal vertex of each output
+    W = torch.autograd.functional.jacobian(lambda z: model(z).sum(0), x)  # [K, B, n]
+    lo, hi = th.interval_hull(x)
+    for k in range(3):
+        g = W[k]
+        vmin = torch.where(g > 0, lo, hi)
+        vmax = torch.where(g > 0, hi, lo)
+        with torch.no_grad():
+            assert torch.allclose(b.lower[:, k], model(vmin)[:, k], atol=1e-5)
+            assert torch.allclose(b.upper[:, k], model(vmax)[:, k], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", certlab.METHODS)
+def test_single_affine_layer_exact_for_every_method(method):
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3))
+    x = torch.rand(4, 5)
+    th = certlab.LinfBall(0.1)
+    b = certlab.bounds(model, x, th, method)
+    lo, hi = th.interval_hull(x)
+    W = model[0].weight
+    with torch.no_grad():
+        exact_lo = torch.stack([model(torch.where(W[k] > 0, lo, hi))[:, k] for k in range(3)], 1)
+    assert torch.allclose(b.lower, exact_lo, atol=1e-5)
+
+
+def test_tighter_methods_are_tighter_on_average():
+    model = mlp(9, widths=(8, 32, 32, 32, 4))
+    x = torch.rand(16, 8)
+    th = certlab.LinfBall(0.03)
+    width = {m: (certlab.bounds(model, x, th, m).upper - certlab.bounds(model, x, th, m).lower).mean().item() for m in certlab.METHODS}
+    assert width["crown"] < width["ibp"] and width["alpha-crown"] <= width["crown"] + 1e-6
+    assert width["deepz"] < width["ibp"] and width["hbox"] <= width["ibp"] + 1e-6
+
+
+def test_bounds_callable_module_is_also_a_package():
+    import certlab.bounds.crown as crown_mod  # the folder layout stays importable
+
+    assert callable(certlab.bounds) and crown_mod.__name__ == "certlab.bounds.crown"

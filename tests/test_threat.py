@@ -1,0 +1,95 @@
+"""Threat sets: concretisation is the exact support function, projection lands in the set, samples lie in it."""
+
+import pytest
+import torch
+
+import certlab
+from certlab.errors import InputError
+
+
+def _sets(x):
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(4, *x.shape[1:], generator=g)
+    per = torch.randn(x.shape[0], 2, *x.shape[1:], generator=g)
+    return [
+        certlab.LinfBall(0.1),
+        certlab.LinfBall(torch.linspace(0, 0.3, x.shape[0])),
+        certlab.L2Ball(0.4),
+        certlab.L2Ball(0.4, domain=None),
+        certlab.SegmentUnion(d, 0.5),
+        certlab.SegmentUnion(d, 0.5, domain=(0, 1)),
+        certlab.SegmentUnion(per, torch.linspace(0.1, 0.6, x.shape[0]), domain=(0, 1)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_concretize_contains_samples_and_is_tight(i):
+    torch.manual_seed(0)
+    x = torch.rand(5, 6)
+    th = _sets(x)[i]
+    A = torch.randn(5, 3, 6)
+    lo, hi = th.concretize(A, x)
+    pts = th.sample(x, 4000)
+    assert all(th.contains(p, x).all() for p in pts[:300])
+    vals = torch.einsum("bsn,mbn->mbs", A, pts)
+    assert (vals >= lo - 1e-5).all() and (vals <= hi + 1e-5).all()
+    # tight: the support is attained by a point of the set (the sampled extreme is close for these low dimensions)
+    if th.norm == "segments":
+        assert ((vals.max(0).values - hi).abs() < 0.05 * (hi - lo + 1e-6)).all()
+    # the hull contains every sample
+    hlo, hhi = th.interval_hull(x)
+    assert (pts >= hlo - 1e-6).all() and (pts <= hhi + 1e-6).all()
+
+
+def test_linf_concretize_is_exact_at_vertices():
+    x = torch.rand(4, 5)
+    th = certlab.LinfBall(0.2)
+    A = torch.randn(4, 2, 5)
+    lo, _ = th.concretize(A, x)
+    blo, bhi = th.interval_hull(x)
+    best = torch.where(A > 0, blo.unsqueeze(1), bhi.unsqueeze(1))
+    assert torch.allclose((A * best).sum(-1), lo, atol=1e-5)
+
+
+def test_segment_support_function():
+    x = torch.zeros(1, 3)
+    d = torch.tensor([[1.0, 0, 0], [0, 2.0, 0]])
+    th = certlab.SegmentUnion(d, 2.0)
+    A = torch.tensor([[[3.0, -1.0, 5.0]]])
+    lo, hi = th.concretize(A, x)
+    assert lo.item() == pytest.approx(-6.0) and hi.item() == pytest.approx(6.0)  # max_j |a·d_j| ε = 3·2
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_project_lands_in_set_and_is_nearest(i):
+    torch.manual_seed(2)
+    x = torch.rand(5, 6)
+    th = _sets(x)[i]
+    z = x + torch.randn(5, 6)
+    p = th.project(z, x)
+    assert th.contains(p, x).all()
+    pts = th.sample(x, 3000)
+    d_best = (pts - z).norm(dim=-1).min(0).values
+    assert ((p - z).norm(dim=-1) <= d_best + 1e-4).all()
+    assert torch.allclose(th.project(x, x), x)
+
+
+def test_l2_projection_exact_on_box_corner():
+    x = torch.tensor([[0.95, 0.5]])
+    th = certlab.L2Ball(0.3)
+    p = th.project(torch.tensor([[2.0, 0.5 + 1e-3]]), x)
+    assert p[0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    assert ((p - x).norm() <= 0.3 + 1e-6)
+
+
+def test_bad_sets():
+    with pytest.raises(InputError, match=">= 0"):
+        certlab.L2Ball(-1)
+    with pytest.raises(InputError, match="NaN"):
+        certlab.SegmentUnion(torch.tensor([[float("nan"), 1.0]]), 1.0)
+    with pytest.raises(InputError, match="zero norm"):
+        certlab.SegmentUnion(torch.zeros(1, 3), 1.0).directions_for(torch.zeros(2, 3))
+    with pytest.raises(InputError, match="domain"):
+        certlab.LinfBall(0.1, domain=(1, 0))
+    with pytest.raises(InputError, match="do not fit"):
+        certlab.SegmentUnion(torch.ones(2, 3), 1.0).directions_for(torch.zeros(2, 4, 4, 4))
