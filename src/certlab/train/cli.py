@@ -1,0 +1,169 @@
+"""``certlab train`` and ``certlab evaluate``.
+
+Every :class:`TrainConfig` field is an option (``--batch-size`` for ``batch_size``; lists comma-separated; dicts as
+``key=value,key=value`` or JSON). Precedence: built-in defaults < ``--config FILE.yaml`` < command-line options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from certlab.errors import CertlabError
+from certlab.train.config import TrainConfig, read_yaml
+
+HELP = {
+    "dataset": "dataset name (spheres, linsep, mnist, fashion-mnist, cifar10, svhn, digits)",
+    "data": "dataset parameters, e.g. d=10,n=500,margin=0.3",
+    "root": "folder holding the dataset files",
+    "model": "model zoo name (mlp, fc5, conv, convplus, wong-small, ...)",
+    "model_params": "model parameters, e.g. hidden=[200,100]",
+    "objective": "standard | pgd | trades | certified | adaptive",
+    "relaxation": "bound method for certified/adaptive training",
+    "norm": "linf | l2 | segments",
+    "eps": "training radius",
+    "eval_eps": "radius of the evaluation (default: eps)",
+}
+
+
+def _scalar(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _parse_dict(text: str) -> dict:
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise argparse.ArgumentTypeError("expected a mapping")
+        return d
+    out = {}
+    depth, cur, parts = 0, "", []
+    for ch in text:  # split on commas outside brackets
+        depth += ch in "[(" and 1 or 0
+        depth -= ch in "])" and 1 or 0
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    for p in parts:
+        if "=" not in p:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = _scalar(v.strip())
+    return out
+
+
+def _parse_list(text: str) -> list:
+    return [_scalar(s.strip()) for s in text.split(",") if s.strip()]
+
+
+def _parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(parse):
+    def f(text):
+        return None if text.strip().lower() in ("none", "null", "") else parse(text)
+    return f
+
+
+def _converter(f: dataclasses.Field):
+    hints = typing.get_type_hints(TrainConfig)
+    t = hints[f.name]
+    args = typing.get_args(t)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), t) if args else t
+    base = typing.get_origin(base) or base
+    parse = {bool: _parse_bool, int: int, float: float, dict: _parse_dict, list: _parse_list, str: str}.get(base, str)
+    return _optional(parse) if optional else parse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model (standard, adversarial or certified)",
+                              description="Train a model; every option can also come from --config FILE.yaml.")
+    p.add_argument("--config", help="YAML file with option: value defaults (command-line options override it)")
+    p.add_argument("--out", required=True, help="run directory (config.yaml, metrics.jsonl, last.pt, best.pt, ...)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars / epoch lines")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(f), default=argparse.SUPPRESS,
+                       metavar=f.name.upper(), help=f"{HELP.get(f.name, f.name)} (default: {default})")
+    p.set_defaults(func=_train_cmd)
+
+    e = subparsers.add_parser("evaluate", help="evaluate a trained run: clean / robust / certified error",
+                              description="Evaluate RUN_DIR's model on its test set; writes RUN_DIR/eval.json.")
+    e.add_argument("run_dir")
+    e.add_argument("--norm", choices=("linf", "l2", "segments"))
+    e.add_argument("--eps", type=float)
+    e.add_argument("--certify", type=lambda s: [m for m in s.split(",") if m], help="e.g. ibp,crown")
+    e.add_argument("--attack", dest="attacks", type=lambda s: [m for m in s.split(",") if m],
+                   help="e.g. apgd-ce,apgd-t ('none' for no attack)")
+    e.add_argument("--n", type=int, help="first N test samples only")
+    e.add_argument("--acr", action="store_true", default=None, help="also compute the average certified radius")
+    e.add_argument("--which", choices=("best", "last"), default="last")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", choices=("cpu", "cuda"))
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_evaluate_cmd)
+
+
+def config_from_args(args) -> TrainConfig:
+    d = read_yaml(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    d.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(d)
+
+
+def _train_cmd(args) -> int:
+    from certlab.evaluation import format_table
+    from certlab.train.loop import train
+
+    cfg = config_from_args(args)
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, evaluate=not args.no_eval)
+    last = summary.get("last") or {}
+    print(f"trained {cfg.model} on {cfg.dataset} ({cfg.objective}"
+          f"{', ' + cfg.relaxation if cfg.objective in ('certified', 'adaptive') else ''}) for {cfg.epochs} epochs "
+          f"in {summary['train_time_s']:.1f}s; final train loss {last.get('loss', float('nan')):.4f}; run: {args.out}")
+    if "eval" in summary:
+        print(format_table([{"name": args.out, **summary["eval"]}]))
+    return 0
+
+
+def _evaluate_cmd(args) -> int:
+    from certlab.evaluation import format_table
+    from certlab.train.run import evaluate_run
+
+    if args.n is not None and args.n < 1:
+        raise CertlabError(f"--n must be a positive integer, got {args.n}")
+    if args.eps is not None and not args.eps >= 0:
+        raise CertlabError(f"--eps must be >= 0, got {args.eps}")
+    attacks = args.attacks
+    if attacks is not None and [a.lower() for a in attacks] == ["none"]:
+        attacks = []
+    res = evaluate_run(args.run_dir, norm=args.norm, eps=args.eps, certify=args.certify, attacks=attacks, n=args.n,
+                       acr=args.acr, which=args.which, batch_size=args.batch_size, device=args.device,
+                       progress=not args.no_progress)
+    print(format_table([{"name": args.run_dir, **res}]))
+    print(f"wrote {args.run_dir.rstrip('/')}/eval.json ({res['time_s']:.1f}s)", file=sys.stderr)
+    return 0

@@ -1,0 +1,226 @@
+"""``TrainConfig``: every knob of a training run as one flat dataclass (YAML/JSON friendly: only plain types).
+
+``TrainConfig.from_dict(d)`` rejects unknown keys; ``validate()`` checks values and raises
+:class:`certlab.CertlabError` with a one-line message naming the bad field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from certlab.errors import CertlabError
+
+OBJECTIVES = ("standard", "pgd", "trades", "certified", "adaptive")
+NORMS = ("linf", "l2", "segments")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("none", "step", "multistep", "onecycle")
+EPS_SCHEDULES = ("linear", "smoothed")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    # data and model
+    dataset: str = "spheres"
+    data: dict = field(default_factory=dict)
+    root: str | None = None
+    model: str = "mlp"
+    model_params: dict = field(default_factory=dict)
+    normalize: bool = True
+    # objective and threat
+    objective: str = "standard"
+    relaxation: str = "ibp"
+    norm: str = "linf"
+    eps: float = 0.1
+    k: int = 1
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "none"
+    lr_milestones: list = field(default_factory=list)
+    lr_gamma: float = 0.1
+    # schedules of the robust objectives (epochs may be fractional; schedules advance per step)
+    eps_schedule: str = "linear"
+    eps_start_epoch: float = 0.0
+    eps_ramp_epochs: float = 0.0
+    kappa_start: float = 0.0
+    kappa_end: float = 0.0
+    beta_start: float = 1.0
+    beta_end: float = 1.0
+    # adversarial training
+    attack: str = "pgd"
+    attack_steps: int = 10
+    attack_restarts: int = 1
+    trades_beta: float = 6.0
+    # certified-training extras
+    fast_ibp_reg: bool = False
+    reg_weight: float = 0.5
+    ibp_init: bool = False
+    grad_clip: float | None = None
+    # reproducibility and hardware
+    seed: int = 0
+    device: str = "cpu"
+    # final evaluation
+    eval_eps: float | None = None
+    eval_certify: list = field(default_factory=lambda: ["ibp", "crown"])
+    eval_attacks: list = field(default_factory=lambda: ["apgd-ce", "apgd-t"])
+    eval_n: int | None = None
+    eval_acr: bool = False
+    val_n: int = 500
+
+    # -- conversion ----------------------------------------------------------------------------------------
+    @classmethod
+    def fields(cls) -> dict:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TrainConfig":
+        d = dict(d or {})
+        unknown = sorted(set(d) - set(cls.fields()))
+        if unknown:
+            raise CertlabError(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "TrainConfig":
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise CertlabError(f"config is not valid YAML: {str(e).splitlines()[0]}") from None
+        if d is not None and not isinstance(d, dict):
+            raise CertlabError("config YAML must be a mapping of option: value")
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        return cls.from_dict(read_yaml(path))
+
+    def save(self, path) -> None:
+        atomic_write_text(path, self.to_yaml())
+
+    # -- checks --------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        from certlab.bounds import METHODS, resolve_method
+
+        def choice(name, options):
+            v = getattr(self, name)
+            if v not in options:
+                raise CertlabError(f"unknown {name} {v!r}; choose one of {', '.join(options)}")
+
+        def number(name, lo=None, strict=False, integer=False, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+            if isinstance(v, bool) or not ok_type or not math.isfinite(v):
+                raise CertlabError(f"{name} must be a{'n integer' if integer else ' finite number'}, got {v!r}")
+            if lo is not None and (v <= lo if strict else v < lo):
+                raise CertlabError(f"{name} must be {'>' if strict else '>='} {lo}, got {v!r}")
+
+        for name in ("dataset", "model"):
+            if not isinstance(getattr(self, name), str):
+                raise CertlabError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("data", "model_params"):
+            if not isinstance(getattr(self, name), dict):
+                raise CertlabError(f"{name} must be a mapping, got {getattr(self, name)!r}")
+        choice("objective", OBJECTIVES)
+        choice("norm", NORMS)
+        choice("optimizer", OPTIMIZERS)
+        choice("lr_schedule", LR_SCHEDULES)
+        choice("eps_schedule", EPS_SCHEDULES)
+        choice("device", DEVICES)
+        try:
+            self.relaxation = resolve_method(self.relaxation)
+        except CertlabError:
+            raise CertlabError(f"unknown relaxation {self.relaxation!r}; choose one of {', '.join(METHODS)}") from None
+        for name in ("eval_certify", "eval_attacks", "lr_milestones"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                setattr(self, name, [s for s in v.split(",") if s])
+            elif not isinstance(v, (list, tuple)):
+                raise CertlabError(f"{name} must be a list, got {v!r}")
+            else:
+                setattr(self, name, list(v))
+        self.eval_certify = [resolve_method(m) for m in self.eval_certify]
+        number("eps", 0.0)
+        number("eval_eps", 0.0, optional=True)
+        for name in ("epochs", "batch_size", "k", "attack_steps", "attack_restarts", "val_n"):
+            number(name, 1, integer=True)
+        number("eval_n", 1, integer=True, optional=True)
+        number("seed", 0, integer=True)
+        number("lr", 0.0, strict=True)
+        for name in ("momentum", "weight_decay", "lr_gamma", "eps_start_epoch", "eps_ramp_epochs", "trades_beta",
+                     "reg_weight"):
+            number(name, 0.0)
+        number("grad_clip", 0.0, strict=True, optional=True)
+        for name in ("kappa_start", "kappa_end", "beta_start", "beta_end"):
+            number(name, 0.0)
+            if getattr(self, name) > 1:
+                raise CertlabError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        for name in ("normalize", "fast_ibp_reg", "ibp_init", "eval_acr"):
+            if not isinstance(getattr(self, name), bool):
+                raise CertlabError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.root is not None and not isinstance(self.root, str):
+            raise CertlabError(f"root must be a path string, got {self.root!r}")
+        for m in self.lr_milestones:
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                raise CertlabError(f"lr_milestones must be positive integers (epochs), got {self.lr_milestones!r}")
+        if self.lr_schedule in ("step", "multistep") and not self.lr_milestones:
+            raise CertlabError(f"lr_schedule {self.lr_schedule!r} needs lr_milestones")
+        if self.objective in ("pgd", "trades"):
+            from certlab.attacks import METHODS as ATTACKS
+
+            if self.attack not in ATTACKS:
+                raise CertlabError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+        if self.norm == "segments" and self.objective == "trades":
+            raise CertlabError("objective 'trades' is not available for norm 'segments'; use pgd or certified")
+
+    @property
+    def final_eval_eps(self) -> float:
+        return self.eps if self.eval_eps is None else self.eval_eps
+
+
+def read_yaml(path) -> dict:
+    if not os.path.isfile(path):
+        raise CertlabError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise CertlabError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise CertlabError(f"{path} must hold a mapping of option: value")
+    return d
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to a temporary file in the same folder, then ``os.replace`` it over ``path``."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

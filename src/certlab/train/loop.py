@@ -1,0 +1,229 @@
+"""The one training loop: ``train(config, out_dir, resume=False, progress=True) -> summary``.
+
+Run directory: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON object per completed epoch),
+``last.pt`` / ``best.pt`` (atomic checkpoints), ``eval.json`` (final evaluation), ``summary.json``.
+
+Reproducibility: all seeds come from ``cfg.seed``; batches are drawn from a private ``torch.Generator`` whose state
+(with the torch / numpy / python RNG states, optimiser and LR-scheduler states and the metrics history) is saved
+at the end of every epoch, so a run killed at any moment and resumed with ``resume=True`` continues from the last
+completed epoch and ends with the same weights as an uninterrupted run (on the same device and thread count).
+
+Model selection: after each epoch the model is validated on the first ``val_n`` test samples (clean error for
+``standard``, PGD-10 robust error for ``pgd``/``trades``, certified error by the training relaxation otherwise, at
+the evaluation ε); ``best.pt`` keeps the best epoch once the ε ramp is complete. The final evaluation (``eval.json``)
+uses the last epoch's model, not the selected one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from certlab import attacks as atk
+from certlab import models
+from certlab.bounds import certify as _certify
+from certlab.errors import CertlabError
+from certlab.train import checkpoint as ckpt
+from certlab.train import schedules
+from certlab.train.config import TrainConfig, atomic_write_text
+from certlab.train.objectives import OBJECTIVES, StepContext
+from certlab.train.setup import (build_model, dataset_record, load_data, make_optimizer, make_scheduler,
+                                 resolve_device, seed_everything)
+from certlab.train.threats import ThreatMaker
+
+FILES = {"config": "config.yaml", "metrics": "metrics.jsonl", "last": "last.pt", "best": "best.pt",
+         "eval": "eval.json", "summary": "summary.json"}
+
+
+def _as_config(config) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        config.validate()
+        return config
+    if isinstance(config, dict):
+        return TrainConfig.from_dict(config)
+    raise CertlabError(f"config must be a TrainConfig or a dict, got {type(config).__name__}")
+
+
+def batches(perm: torch.Tensor, batch_size: int) -> list:
+    """Chunks of ``perm``; a trailing chunk of one sample joins the previous one (BatchNorm needs ≥ 2)."""
+    chunks = list(torch.split(perm, batch_size))
+    if len(chunks) > 1 and chunks[-1].numel() < 2:
+        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+    return chunks
+
+
+def _bar(total, desc, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
+@torch.no_grad()
+def _validate(model, cfg, test, maker, device):
+    """(clean error, robust-or-certified error or None) on the first val_n test samples."""
+    n = min(cfg.val_n, len(test))
+    x, y = test.x[:n].to(device), test.y[:n].to(device)
+    model.eval()
+    eps = cfg.final_eval_eps
+    wrong = torch.zeros(n, dtype=torch.bool, device=device)
+    bad = torch.zeros(n, dtype=torch.bool, device=device)
+    for s in range(0, n, 500):
+        xb, yb = x[s:s + 500], y[s:s + 500]
+        wrong[s:s + 500] = model(xb).argmax(1) != yb
+        if cfg.objective in ("certified", "adaptive") and eps > 0:
+            method = "crown" if cfg.relaxation == "alpha-crown" else cfg.relaxation
+            bad[s:s + 500] = ~_certify(model, xb, yb, maker(xb, eps), method=method)
+        elif cfg.objective in ("pgd", "trades") and eps > 0:
+            with torch.enable_grad():
+                bad[s:s + 500] = atk.robust_error(model, xb, yb, maker(xb, eps), attacks=("pgd",), steps=10)
+    clean = float(wrong.float().mean())
+    if cfg.objective == "standard" or eps == 0:
+        return clean, None
+    return clean, float((bad | wrong).float().mean())
+
+
+def _check_out(out_dir, resume):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CertlabError(f"output path exists and is not a directory: {out_dir}")
+    os.makedirs(out_dir, exist_ok=True)
+    last = os.path.join(out_dir, FILES["last"])
+    if not resume and (os.path.exists(last) or os.path.exists(os.path.join(out_dir, FILES["summary"]))):
+        raise CertlabError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose another output folder")
+
+
+def _same_config(stored: dict, cfg: TrainConfig):
+    a = TrainConfig.from_dict(stored).to_dict()
+    b = cfg.to_dict()
+    diff = sorted(k for k in a if k != "device" and a[k] != b[k])
+    if diff:
+        raise CertlabError(f"cannot resume: the config differs from the stored run in {', '.join(diff)}")
+
+
+def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate: bool = True) -> dict:
+    """Train a model as described by ``config`` (a :class:`TrainConfig` or a dict) into ``out_dir``.
+
+    Returns the summary: the last epoch's metrics plus the final evaluation (``eval``) on the test set."""
+    cfg = _as_config(config)
+    out_dir = os.fspath(out_dir)
+    _check_out(out_dir, resume)
+    path = {k: os.path.join(out_dir, v) for k, v in FILES.items()}
+    state = ckpt.load(path["last"]) if resume and os.path.exists(path["last"]) else None
+    if state is not None:
+        _same_config(state["config"], cfg)
+
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    train_set, test_set, info = load_data(cfg)
+    ds = dataset_record(cfg, info)
+    model = build_model(cfg.model, cfg.model_params, ds, cfg.normalize).to(device)
+    if cfg.ibp_init:
+        models.init_ibp_(model)
+    opt = make_optimizer(cfg, model.parameters())
+    N = len(train_set)
+    steps = len(batches(torch.arange(N), cfg.batch_size))
+    sched, per_batch = make_scheduler(cfg, opt, steps)
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    start, best, global_step, history = 0, math.inf, 0, []
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CertlabError(f"cannot resume from {path['last']}: {str(e).splitlines()[0]}") from None
+        ckpt.set_rng_state(state["rng"], loader_gen)
+        start, best = int(state["epoch"]), float(state.get("best", math.inf))
+        global_step, history = int(state.get("global_step", 0)), list(state.get("history", []))
+    cfg.save(path["config"])
+    atomic_write_text(path["metrics"], "".join(json.dumps(h) + "\n" for h in history))
+
+    maker = ThreatMaker(cfg.norm, info.name, info, cfg.k, cfg.seed)
+    objective = OBJECTIVES[cfg.objective]
+    x_all, y_all = train_set.x.to(device), train_set.y.to(device)
+
+    def payload(epoch):
+        return {"arch": cfg.model, "model_params": dict(cfg.model_params), "normalize": cfg.normalize,
+                "dataset": ds, "config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+                "rng": ckpt.rng_state(loader_gen), "best": best, "global_step": global_step, "history": history}
+
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        chunks = batches(torch.randperm(N, generator=loader_gen).to(device), cfg.batch_size)
+        tot = {"loss": 0.0, "correct": 0, "certified": 0, "n": 0}
+        has_cert = False
+        bar = _bar(N, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+        for i, idx in enumerate(chunks):
+            t = epoch + i / len(chunks)
+            eps_t = schedules.eps_at(cfg, t)
+            ctx = StepContext(cfg, maker, eps_t, schedules.kappa_at(cfg, t), schedules.beta_at(cfg, t), t,
+                              seed=(cfg.seed * 1_000_003 + global_step) % (2 ** 62))
+            x, y = x_all[idx], y_all[idx]
+            loss, st = objective(model, x, y, ctx)
+            if not torch.isfinite(loss):
+                raise CertlabError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                                   "lower the learning rate or use grad_clip")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if per_batch:
+                sched.step()
+            global_step += 1
+            b = x.shape[0]
+            tot["loss"] += float(loss.detach()) * b
+            tot["correct"] += st["correct"]
+            tot["n"] += b
+            if "certified" in st:
+                has_cert = True
+                tot["certified"] += st["certified"]
+            bar.update(b)
+            post = {"loss": f"{tot['loss'] / tot['n']:.3f}", "acc": f"{tot['correct'] / tot['n']:.3f}",
+                    "eps": f"{eps_t:.3g}"}
+            if has_cert:
+                post["cert"] = f"{tot['certified'] / tot['n']:.3f}"
+            bar.set_postfix(post)
+        bar.close()
+        if sched is not None and not per_batch:
+            sched.step()
+        val_clean, val_rob = _validate(model, cfg, test_set, maker, device)
+        t_end = epoch + 1
+        record = {"epoch": epoch + 1, "loss": tot["loss"] / tot["n"], "train_acc": tot["correct"] / tot["n"],
+                  "train_cert_acc": tot["certified"] / tot["n"] if has_cert else None,
+                  "eps": schedules.eps_at(cfg, t_end - 1e-9), "kappa": schedules.kappa_at(cfg, t_end - 1e-9),
+                  "beta": schedules.beta_at(cfg, t_end - 1e-9), "lr": opt.param_groups[0]["lr"],
+                  "val_clean_error": val_clean, "val_robust_error": val_rob,
+                  "time_s": time.perf_counter() - t0}
+        history.append(record)
+        score = val_rob if val_rob is not None else val_clean
+        improved = not schedules.in_warmup(cfg, t_end) and score < best
+        if improved:
+            best = score
+        ckpt.save(path["last"], payload(epoch + 1))
+        if improved:
+            ckpt.save(path["best"], payload(epoch + 1))
+        atomic_write_text(path["metrics"], "".join(json.dumps(h) + "\n" for h in history))
+        if progress:
+            rob = "" if val_rob is None else f"  val robust/cert err {val_rob:.4f}"
+            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  train acc {record['train_acc']:.4f}"
+                  f"  val err {val_clean:.4f}{rob}  eps {record['eps']:.4g}  {record['time_s']:.1f}s",
+                  file=sys.stderr)
+    if not os.path.exists(path["best"]) and os.path.exists(path["last"]):
+        ckpt.save(path["best"], payload(cfg.epochs))
+    summary = {"epochs": cfg.epochs, "last": history[-1] if history else None,
+               "train_time_s": sum(h["time_s"] for h in history)}
+    if evaluate:
+        from certlab.train.run import evaluate_run
+
+        summary["eval"] = evaluate_run(out_dir, which="last", progress=progress)
+    atomic_write_text(path["summary"], json.dumps(summary, indent=2))
+    return summary

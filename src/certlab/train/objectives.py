@@ -1,0 +1,231 @@
+"""Training objectives: one small function per objective, same call shape.
+
+``objective(model, x, y, ctx) -> (loss, stats)`` where ``ctx`` is a :class:`StepContext` (the run's config, the
+scheduled ε / κ / β of this step, the threat maker and a per-step seed) and ``stats`` holds per-batch counts
+(``correct``; ``certified`` for the certified objectives).
+
+- standard:  CE(f(x), y).
+- pgd (Madry et al.): CE(f(x_adv), y), x_adv from ``certlab.attacks.run`` (``cfg.attack``, ``cfg.attack_steps``).
+- trades (Zhang et al. 2019): CE(f(x), y) + β_T · KL(p(x) ‖ p(x_adv)), x_adv maximising the KL by projected steps.
+- certified: κ · CE(f(x), y) + (1 − κ) · CE(z, y) with the worst-case logits z_j = −m_j, z_y = 0 built from the
+  margin lower bounds m = ``certlab.margins(model, x, y, threat(ε_t), relaxation)``; plus the Fast-IBP
+  warm-up regularisers (see :func:`fast_ibp_regularisers`).
+- adaptive (ACERT, Nurlanov et al.): per-sample radii ε_i = certified radius of (x_i, y_i) in [0, ε_t] found without
+  gradient (0 when misclassified); loss = κ · CE(f(x), y) + (1 − κ) · CE(z(ε_i), y) + regularisers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import certlab
+from certlab import attacks
+from certlab.bounds import core
+from certlab.bounds.api import fold_spec
+from certlab.bounds.ibp import interval_pass
+from certlab.train import schedules
+
+TAU = 0.5  # target of the tightness regulariser
+
+
+@dataclass
+class StepContext:
+    cfg: object
+    threat_maker: object
+    eps: float
+    kappa: float
+    beta: float
+    t: float  # fractional epoch
+    seed: int
+
+    def threat(self, x, eps=None):
+        return self.threat_maker(x, self.eps if eps is None else eps)
+
+
+def _correct(logits, y) -> int:
+    return int((logits.argmax(1) == y).sum())
+
+
+def worst_case_ce(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CE of the worst-case logits z = −m (z_y = 0): log(1 + Σ_{j≠y} exp(−m_j)), mean over the batch."""
+    return F.cross_entropy(-m, y)
+
+
+def n_certified(m: torch.Tensor, y: torch.Tensor) -> int:
+    mm = m.detach().masked_fill(F.one_hot(y, m.shape[1]).bool(), float("inf"))
+    return int((mm > 0).all(1).sum())
+
+
+def standard(model, x, y, ctx):
+    logits = model(x)
+    return F.cross_entropy(logits, y), {"correct": _correct(logits, y)}
+
+
+def pgd(model, x, y, ctx):
+    cfg = ctx.cfg
+    if ctx.eps > 0:
+        x_adv = attacks.run(model, x, y, ctx.threat(x), method=cfg.attack, steps=cfg.attack_steps,
+                            restarts=cfg.attack_restarts, seed=ctx.seed)
+    else:
+        x_adv = x
+    logits_adv = model(x_adv)
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        correct = _correct(model(x), y)
+        model.train(was)
+    return F.cross_entropy(logits_adv, y), {"correct": correct, "robust": _correct(logits_adv, y)}
+
+
+def _trades_adversary(model, x, threat, steps, seed):
+    """Maximise KL(p(x) ‖ p(x')) over the set by projected (sign / normalised) gradient steps."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p_clean = F.softmax(model(x), 1)
+        eps = threat.eps_view(x)
+        step = 2.5 * eps / steps
+        z = threat.project(x + 0.001 * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype), x)
+        for _ in range(steps):
+            z = z.detach().requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(model(z), 1), p_clean, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, z)
+            if threat.norm == "linf":
+                z = z.detach() + step * grad.sign()
+            else:
+                n = grad.reshape(x.shape[0], -1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+                z = z.detach() + step * grad / n
+            z = threat.project(z, x)
+    finally:
+        model.train(was)
+    return z.detach()
+
+
+def trades(model, x, y, ctx):
+    cfg = ctx.cfg
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    if ctx.eps > 0:
+        x_adv = _trades_adversary(model, x, ctx.threat(x), cfg.attack_steps, ctx.seed)
+        kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
+        loss = loss + cfg.trades_beta * kl
+    return loss, {"correct": _correct(logits, y)}
+
+
+def _bound_opts(cfg, beta):
+    return {"beta": beta} if cfg.relaxation == "crown-ibp" else {}
+
+
+def margins_and_relus(model, x, y, threat, relaxation, need_relus: bool, **opts):
+    """(margin lower bounds [B, K], IBP pre-activation bounds [(l, u)] per ReLU or None).
+
+    For IBP both come from one interval pass over the graph with the margin specification folded in."""
+    if need_relus and relaxation == "ibp":
+        core.validate(model, x, threat)
+        g = core.build_graph(model, x)
+        K = core.output_dim(g)
+        yy = core.check_labels(y, x.shape[0], K, x.device)
+        gs = fold_spec(g, core.margin_spec(yy, K, x.dtype))
+        pre, (low, _), _ = interval_pass(gs, x, threat)
+        m = low.masked_fill(F.one_hot(yy, K).bool(), 0.0)
+        return m, [pre[i] for i in gs.relus]
+    m = certlab.margins(model, x, y, threat, method=relaxation, **opts)
+    rel = core.relu_bounds(model, x, threat, "ibp") if need_relus else None
+    return m, rel
+
+
+def fast_ibp_regularisers(relus, threat, x):
+    """Warm-up regularisers of Shi et al. 2021, from IBP pre-activation bounds (l_i, u_i) of the ReLU layers.
+
+    Our reading (documented in docs/training.md):
+    - tightness: radius growth per layer. With r_0 the mean radius of the input box and r_i the mean radius
+      (u_i − l_i)/2 of layer i, t_i = r_{i−1} / r_i; L_tight = ReLU(τ − mean_i t_i) / τ with τ = 0.5 (IBP
+      initialisation keeps t_i ≈ 1; exploding intervals drive t_i → 0).
+    - ReLU balance: with P_i = mean ReLU(u_i) (mass that can be active) and N_i = mean ReLU(−l_i) (mass that can be
+      inactive), ρ_i = min(P_i, N_i) / max(P_i, N_i); L_relu = mean_i (1 − ρ_i) (0 when balanced, 1 when all
+      neurons of a layer are dead or all are active).
+    """
+    if not relus:
+        return x.new_zeros(()), x.new_zeros(())
+    lo, hi = threat.interval_hull(x)
+    r_prev = ((hi - lo) / 2).mean()
+    ts, bal = [], []
+    for l, u in relus:
+        r = ((u - l) / 2).mean()
+        ts.append(r_prev / r.clamp_min(1e-12))
+        r_prev = r
+        P, N = torch.relu(u).mean(), torch.relu(-l).mean()
+        bal.append(1 - torch.min(P, N) / torch.max(P, N).clamp_min(1e-12))
+    tight = torch.relu(TAU - torch.stack(ts).mean()) / TAU
+    return tight, torch.stack(bal).mean()
+
+
+def _regularise(model, x, y, ctx, relus, threat):
+    cfg = ctx.cfg
+    if relus is None:
+        return 0.0, {}
+    lam = cfg.reg_weight * (1.0 - ctx.eps / cfg.eps) if cfg.eps > 0 else 0.0
+    tight, bal = fast_ibp_regularisers(relus, threat, x)
+    return lam * (tight + bal), {"reg_tight": float(tight.detach()), "reg_relu": float(bal.detach())}
+
+
+def _wants_reg(ctx) -> bool:
+    return ctx.cfg.fast_ibp_reg and schedules.in_warmup(ctx.cfg, ctx.t)
+
+
+def certified(model, x, y, ctx):
+    cfg = ctx.cfg
+    logits = model(x)
+    clean = F.cross_entropy(logits, y)
+    threat = ctx.threat(x)
+    m, relus = margins_and_relus(model, x, y, threat, cfg.relaxation, _wants_reg(ctx), **_bound_opts(cfg, ctx.beta))
+    loss = ctx.kappa * clean + (1 - ctx.kappa) * worst_case_ce(m, y)
+    reg, rstats = _regularise(model, x, y, ctx, relus, threat)
+    return loss + reg, {"correct": _correct(logits, y), "certified": n_certified(m, y), **rstats}
+
+
+def adaptive(model, x, y, ctx):
+    cfg = ctx.cfg
+    logits = model(x)
+    clean = F.cross_entropy(logits, y)
+    right = logits.detach().argmax(1) == y
+    if ctx.eps > 0:
+        with torch.no_grad():
+            radius = certified_radius(model, x, y, ctx.threat(x), cfg.relaxation, ctx.eps, **_bound_opts(cfg, ctx.beta))
+        radius = torch.where(right, radius.to(x.dtype), torch.zeros_like(radius, dtype=x.dtype))
+    else:
+        radius = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    threat = ctx.threat(x, radius)
+    m, relus = margins_and_relus(model, x, y, threat, cfg.relaxation, _wants_reg(ctx), **_bound_opts(cfg, ctx.beta))
+    loss = ctx.kappa * clean + (1 - ctx.kappa) * worst_case_ce(m, y)
+    reg, rstats = _regularise(model, x, y, ctx, relus, ctx.threat(x))
+    # a sample counts as certified at the scheduled ε when its radius reaches it
+    cert = int((radius >= ctx.eps * (1 - 1e-4)).logical_and(right).sum()) if ctx.eps > 0 else int(right.sum())
+    return loss + reg, {"correct": _correct(logits, y), "certified": cert,
+                        "mean_radius": float(radius.mean()) / ctx.eps if ctx.eps > 0 else 0.0, **rstats}
+
+
+def certified_radius(model, x, y, template, method, max_eps, **opts):
+    """Per-sample certified radius in [0, max_eps] (``certlab.certified_radius``; bisection fallback)."""
+    try:
+        from certlab.verify.radius import certified_radius as cr
+    except ImportError:
+        cr = None
+    if cr is not None and not opts:
+        return cr(model, x, y, threat=template, method=method, max_eps=max_eps)
+    lo = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    hi = torch.full_like(lo, float(max_eps))
+    ok_max = certlab.certify(model, x, y, template.with_eps(hi), method=method, **opts)
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        ok = certlab.certify(model, x, y, template.with_eps(mid), method=method, **opts)
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return torch.where(ok_max, torch.full_like(lo, float(max_eps)), lo)
+
+
+OBJECTIVES = {"standard": standard, "pgd": pgd, "trades": trades, "certified": certified, "adaptive": adaptive}

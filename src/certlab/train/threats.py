@@ -1,0 +1,54 @@
+"""The threat set of a run for a batch: ``LinfBall`` / ``L2Ball`` on the dataset's domain, or a ``SegmentUnion`` along
+the dataset's signal directions (radial per sample for ``spheres``, k seeded orthonormal directions otherwise)."""
+
+from __future__ import annotations
+
+import torch
+
+from certlab import data as cdata
+from certlab.errors import CertlabError
+from certlab.threat import L2Ball, LinfBall, SegmentUnion, ThreatSet
+
+
+class ThreatMaker:
+    """``maker(x, eps)`` -> the run's threat set around the batch ``x`` with radius ``eps`` (float or [B] tensor)."""
+
+    def __init__(self, norm: str, dataset: str, info, k: int = 1, seed: int = 0):
+        if norm not in ("linf", "l2", "segments"):
+            raise CertlabError(f"unknown norm {norm!r}; choose one of linf, l2, segments")
+        self.norm, self.dataset, self.info, self.k, self.seed = norm, dataset, info, k, seed
+        self.domain = None if info.domain is None else tuple(info.domain)
+        self._dirs = None
+
+    def directions(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dataset == "spheres":
+            return cdata.signal_directions("spheres", 1, self.seed, x=x)
+        if self._dirs is None or self._dirs.device != x.device:
+            self._dirs = cdata.signal_directions(self.dataset, self.k, self.seed, x=x)
+        return self._dirs
+
+    def __call__(self, x: torch.Tensor, eps) -> ThreatSet:
+        if self.norm == "linf":
+            return LinfBall(eps, domain=self.domain)
+        if self.norm == "l2":
+            return L2Ball(eps, domain=self.domain)
+        return SegmentUnion(self.directions(x), eps, domain=self.domain)
+
+
+def batch_threat(threat, x: torch.Tensor, idx: torch.Tensor | slice | None = None) -> ThreatSet:
+    """The threat set for the batch ``x`` (rows ``idx`` of a dataset).
+
+    ``threat`` is a :class:`ThreatSet` or a callable ``x -> ThreatSet``. A set holding per-sample radii or per-sample
+    segment directions for the whole dataset is sliced to the rows ``idx``."""
+    if not isinstance(threat, ThreatSet):
+        if callable(threat):
+            return threat(x)
+        raise CertlabError(f"threat must be a certlab threat set or a callable x -> set, got {type(threat).__name__}")
+    B = x.shape[0]
+    out = threat
+    if isinstance(threat.eps, torch.Tensor) and threat.eps.shape[0] != B and idx is not None:
+        out = out.with_eps(threat.eps[idx])
+    if isinstance(threat, SegmentUnion) and threat._raw.dim() == x.dim() + 1 and threat._raw.shape[0] != B \
+            and idx is not None:
+        out = SegmentUnion(threat._raw[idx], out.eps, domain=threat.domain)
+    return out
