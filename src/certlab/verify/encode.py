@@ -98,13 +98,13 @@ def encode(g, x, threat, pre, b: int = 0, integral: bool = True) -> Encoding:
     x0 = _np(xb).ravel()
     n_in = x0.size
     if threat.norm in ("linf", "l2"):
-        lo, hi = threat.interval_hull(xb)
-        idx = enc.new_vars(_np(lo), _np(hi))
+        lo, hi = threat.interval_hull(x)
+        idx = enc.new_vars(_np(lo[b]), _np(hi[b]))
         M0 = sp.csr_matrix((np.ones(n_in), (np.arange(n_in), idx)), shape=(n_in, enc.n))
         c0 = np.zeros(n_in)
     elif threat.norm == "segments":
-        d = _np(threat.directions_for(xb)[0])  # [k, n]
-        blo, bhi = (_np(t)[0] for t in threat.beta_range(xb))
+        d = _np(threat.directions_for(x)[b])  # [k, n]
+        blo, bhi = (_np(t)[b] for t in threat.beta_range(x))
         k = d.shape[0]
         enc.new_vars(np.minimum(blo, 0), np.maximum(bhi, 0))
         enc.new_vars(np.zeros(k), np.ones(k), integer=integral)

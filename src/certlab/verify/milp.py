@@ -15,7 +15,10 @@ Public: :func:`exact_bounds` (exact min/max of C·f over the set) and :func:`ver
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 import time
 
 import numpy as np
@@ -31,6 +34,25 @@ from certlab.verify.encode import Encoding, encode
 from certlab.verify.result import Result, check_counterexample
 
 TOL = 1e-6  # a margin must exceed this (solver precision) to count as verified
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence HiGHS' own prints to the process's stdout (it writes to fd 1 directly)."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 def pre_bounds(g, x, threat, method: str = "crown"):
@@ -66,8 +88,9 @@ class Problem:
         c = -obj if maximize else obj
         cons = LinearConstraint(self.A, self.lo, self.hi) if self.A.shape[0] else None
         opts = {"time_limit": max(float(time_limit), 0.05), "mip_rel_gap": 1e-9, "disp": False}
-        res = _milp(c, integrality=self.integ if integral else None, bounds=_Box(self.lb, self.ub),
-                    constraints=cons, options=opts)
+        with _quiet():
+            res = _milp(c, integrality=self.integ if integral else None, bounds=_Box(self.lb, self.ub),
+                        constraints=cons, options=opts)
         sign = -1.0 if maximize else 1.0
         v = None if res.x is None else np.asarray(res.x)
         value = None if v is None else sign * float(c @ v) + const
@@ -81,8 +104,8 @@ class Problem:
         return {"status": status, "value": value, "bound": bound, "v": v,
                 "nodes": int(getattr(res, "mip_node_count", 0) or 0)}
 
-    def optimise(self, obj, const, maximize=False, deadline=None, integral=True, value_at=None, gap=1e-6,
-                 max_cuts=500):
+    def optimise(self, obj, const, maximize=False, deadline=None, integral=True, value_at=None, gap=5e-6,
+                 max_cuts=300):
         """solve() with ℓ2 cutting planes. Adds 'exact': the optimum is known to within ``gap``·(1 + |value|).
 
         For ℓ2, ``value_at(p)`` (the objective at input point p, evaluated by the network) scores the projection of
@@ -90,6 +113,7 @@ class Problem:
         relaxation's bound, which is then exact up to that gap, and 'value'/'point' report the feasible point.
         """
         cuts = nodes = 0
+        last = None
         while True:
             left = 60.0 if deadline is None else deadline - time.perf_counter()
             if left <= 0:
@@ -111,8 +135,9 @@ class Problem:
                 r["exact"] = abs(val - r["bound"]) <= gap * (1 + abs(val))
             else:
                 r["exact"] = bool(np.linalg.norm(p - self.x0) <= self.eps * (1 + 1e-9))
-            if r["exact"] or cuts >= max_cuts:
-                return r
+            if r["exact"] or cuts >= max_cuts or (last is not None and np.abs(p - last).max() < 1e-10):
+                return r  # exact, out of cuts, or stalled at the solver's feasibility tolerance
+            last = p
             d = p - self.x0
             nd = np.linalg.norm(d)
             if nd <= self.eps * (1 + 1e-12):  # inside the ball yet not exact: cannot cut further
