@@ -1,0 +1,76 @@
+"""What one cell does: ``run_cell(config, run_dir) -> result``.
+
+One training run (``certlab.train.train``, which ends with the final evaluation of the run's config:
+``eval_certify`` methods, ``eval_attacks``, ``eval_acr``), in
+``run_dir`` (resumed from ``last.pt`` when a killed attempt left one). The result is a JSON-able dict
+
+    {"metrics": {clean_error, robust_error, certified_error: {method: err, "train": err at the training
+                 relaxation, "best": min over methods}, acr: {method: ACR}, unstable_relus, n,
+                 time_train_s, time_eval_s, train: {numeric summary of train()}},
+     "summary": train()'s summary, "eval": evaluate_run()'s dict, "history": the rows of metrics.jsonl}
+
+Errors are fractions in [0, 1]; ACR is a fraction of ε.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def read_history(run_dir) -> list:
+    """The per-epoch rows of ``run_dir/metrics.jsonl`` (a torn last line from a kill is skipped)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    return rows
+
+
+def summarize_eval(ev: dict, config: dict) -> dict:
+    """Flat-able metrics from an ``evaluate`` dict (see module docstring)."""
+    cert = dict(ev.get("certified_error") or {})
+    if cert:
+        relax = config.get("relaxation")
+        if relax in cert:
+            cert["train"] = cert[relax]
+        cert["best"] = min(v for v in cert.values() if v is not None)
+    out = {"clean_error": ev.get("clean_error"), "robust_error": ev.get("robust_error"),
+           "certified_error": cert, "acr": dict(ev.get("acr") or {}), "unstable_relus": ev.get("unstable_relus"),
+           "n": ev.get("n")}
+    acr = {k: v for k, v in out["acr"].items() if v is not None}
+    if acr:
+        out["acr"]["best"] = max(acr.values())
+        relax = config.get("relaxation")
+        if relax in acr:
+            out["acr"]["train"] = acr[relax]
+    return out
+
+
+def run_cell(config: dict, run_dir: str) -> dict:
+    """Train and evaluate one cell in ``run_dir``; see the module docstring for the result."""
+    from certlab.train import evaluate_run, train
+
+    os.makedirs(run_dir, exist_ok=True)
+    resume = any(os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "summary.json"))
+    t0 = time.time()
+    summary = train(dict(config), run_dir, resume=resume, progress=False) or {}
+    t1 = time.time()
+    ev = summary.get("eval")
+    if not isinstance(ev, dict):  # a train() that does not evaluate: evaluate the run here
+        ev = evaluate_run(run_dir)
+    t2 = time.time()
+    metrics = summarize_eval(ev, config)
+    train_s = summary.get("train_time_s")
+    metrics.update(time_total_s=t2 - t0, time_train_s=train_s if isinstance(train_s, (int, float)) else t1 - t0,
+                   time_eval_s=ev.get("time_s", t2 - t1), resumed=resume)
+    last = summary.get("last") or {}
+    metrics["train"] = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    summary = {k: v for k, v in summary.items() if k != "eval"}
+    return {"metrics": metrics, "summary": summary, "eval": ev, "history": read_history(run_dir)}

@@ -1,0 +1,462 @@
+"""``certlab report DIR``: Markdown + HTML with tables (mean ± s.e. over seeds) and PNG figures, read only from
+``DIR/results.sqlite``.
+
+For each experiment in the database:
+
+- cells are grouped into *methods* (AT, TRADES, standard, certified training by its relaxation, ACERT), a
+  *panel* (the other categorical axes: norm, dataset, model, ...) and the numeric *x axis* (the varied numeric
+  grid key: k, eps, data.margin, kappa ...); seeds are aggregated: mean ± s.e. = std (ddof 1) / √n;
+- a table per panel and, when there is a numeric axis, a figure "error vs x" (standard, robust, certified error,
+  unstable ReLUs) and the certified-minus-AT gap with its trend;
+- a per-relaxation table when several relaxations were trained;
+- trade-off curves clean accuracy vs ACR (as % of ε) when ACR was measured;
+- unstable ReLUs over training (from each cell's per-epoch history) when recorded.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+
+from certlab.errors import CertlabError
+from certlab.experiments.store import Store
+
+RELAX_NAMES = {"ibp": "IBP", "hbox": "hBox", "deepz": "DeepZ", "fastlin": "Fast-Lin", "crown": "CROWN",
+               "crown-ibp": "CROWN-IBP", "alpha-crown": "α-CROWN"}
+OBJ_NAMES = {"pgd": "AT", "trades": "TRADES", "standard": "standard"}
+METHOD_KEYS = ("objective", "relaxation")
+AXIS_LABELS = {"k": "k (number of segments)", "eps": "ε", "data.margin": "margin γ", "kappa_end": "κ (end)",
+               "kappa_start": "κ (start)", "seed": "seed"}
+MAIN_METRICS = (("clean_error", "standard error"), ("robust_error", "robust error"),
+                ("certified_error.train", "certified error"), ("unstable_relus", "unstable ReLUs"))
+_DIAG = re.compile(r"(tightness|continuity|sensitivity)", re.I)
+
+
+# ---- grouping ---------------------------------------------------------------------------------------------
+def method_label(config: dict) -> str:
+    """AT / TRADES / standard for empirical objectives; the relaxation for certified training; ACERT (relax)."""
+    obj = config.get("objective", "standard")
+    relax = RELAX_NAMES.get(config.get("relaxation"), str(config.get("relaxation")))
+    if obj in OBJ_NAMES:
+        return OBJ_NAMES[obj]
+    if obj == "certified":
+        return relax
+    if obj == "adaptive":
+        return f"ACERT ({relax})"
+    return f"{obj} ({relax})"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def split_axes(spec: dict, cells: list) -> tuple:
+    """(x axis or None, panel axes) from the experiment's varied keys (seed and method keys excluded)."""
+    axes = list(spec.get("grid", {}))
+    for g in spec.get("zip", []):
+        axes.extend(g)
+    rest = [a for a in axes if a != "seed" and a not in METHOD_KEYS]
+    numeric = [a for a in rest if all(_is_number(c["params"].get(a)) for c in cells if a in c["params"])]
+    numeric = [a for a in numeric if len({c["params"].get(a) for c in cells}) > 1]
+    x = numeric[0] if numeric else None
+    panels = [a for a in rest if a != x]
+    return x, panels
+
+
+def mean_se(values) -> tuple:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None, 0
+    m = statistics.fmean(vals)
+    se = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else None
+    return m, se, len(vals)
+
+
+def metric(cell: dict, key: str):
+    m = cell["metrics"]
+    if key == "certified_error.train" and key not in m:
+        return m.get("certified_error.best")
+    if key == "acr.train" and key not in m:
+        return m.get("acr.best")
+    return m.get(key)
+
+
+def aggregate(cells: list, x, panels) -> dict:
+    """{(panel tuple, method, x value): {metric: (mean, se, n)}} over seeds."""
+    groups = {}
+    for c in cells:
+        key = (tuple((p, c["params"].get(p)) for p in panels), method_label(c["config"]),
+               c["params"].get(x) if x else None)
+        groups.setdefault(key, []).append(c)
+    out = {}
+    for key, members in groups.items():
+        keys = set().union(*(m["metrics"] for m in members)) | {"certified_error.train", "acr.train"}
+        out[key] = {k: mean_se([metric(m, k) for m in members]) for k in keys}
+        out[key]["_seeds"] = sorted({m["params"].get("seed", m["config"].get("seed")) for m in members},
+                                    key=str)
+    return out
+
+
+# ---- formatting -------------------------------------------------------------------------------------------
+def fmt(stat, percent=True) -> str:
+    m, se, n = stat if stat else (None, None, 0)
+    if m is None:
+        return "—"
+    scale = 100.0 if percent else 1.0
+    s = f"{m * scale:.1f}" if percent else f"{m:.3g}"
+    if se is not None:
+        s += f" ± {se * scale:.1f}" if percent else f" ± {se:.2g}"
+    return s
+
+
+def _slug(text) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "all"
+
+
+def _panel_name(panel) -> str:
+    return ", ".join(f"{k}={v}" for k, v in panel) if panel else ""
+
+
+def _order(methods) -> list:
+    pref = ["standard", "AT", "TRADES"]
+    return sorted(methods, key=lambda m: (pref.index(m) if m in pref else len(pref), m))
+
+
+# ---- figures ----------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def figure_vs_x(agg, panel, x, metrics, path, title):
+    plt = _plt()
+    methods = _order({k[1] for k in agg if k[0] == panel})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
+        for mth in methods:
+            pts = sorted((k[2], v[key]) for k, v in agg.items() if k[0] == panel and k[1] == mth
+                         and v.get(key, (None,))[0] is not None)
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            scale = 1.0 if key == "unstable_relus" else 100.0
+            ys = [p[1][0] * scale for p in pts]
+            es = [(p[1][1] or 0.0) * scale for p in pts]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=mth)
+        ax.set_xlabel(AXIS_LABELS.get(x, x))
+        ax.set_ylabel(label + ("" if key == "unstable_relus" else " (%)"))
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def figure_tradeoff(agg, panel, path, title):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    drawn = False
+    for mth in _order({k[1] for k in agg if k[0] == panel}):
+        pts = []
+        for k, v in agg.items():
+            if k[0] != panel or k[1] != mth:
+                continue
+            acr, ce = v.get("acr.train"), v.get("clean_error")
+            if acr and acr[0] is not None and ce and ce[0] is not None:
+                pts.append((acr[0] * 100, (1 - ce[0]) * 100, k[2]))
+        if not pts:
+            continue
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mth)
+        for p in pts:
+            if p[2] is not None:
+                ax.annotate(f"{p[2]:g}", (p[0], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        drawn = True
+    ax.set_xlabel("ACR (% of ε)")
+    ax.set_ylabel("clean accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        _save(fig, path)
+    plt.close(fig)
+    return drawn
+
+
+def _unstable_key(history) -> str | None:
+    for row in history or []:
+        for k, v in row.items():
+            if "unstable" in k and _is_number(v):
+                return k
+    return None
+
+
+def figure_unstable(cells, panel, panels, x, path, title):
+    """Unstable ReLUs per epoch (mean over seeds), one line per method, one subplot per x value."""
+    plt = _plt()
+    xs = sorted({c["params"].get(x) for c in cells}) if x else [None]
+    fig, axes = plt.subplots(1, len(xs), figsize=(3.6 * len(xs), 3.2), squeeze=False)
+    drawn = False
+    for ax, xv in zip(axes[0], xs):
+        series = {}
+        for c in cells:
+            if tuple((p, c["params"].get(p)) for p in panels) != panel or (x and c["params"].get(x) != xv):
+                continue
+            key = _unstable_key(c.get("history"))
+            if key is None:
+                continue
+            for row in c["history"]:
+                if _is_number(row.get(key)):
+                    ep = row.get("epoch", len(series))
+                    series.setdefault(method_label(c["config"]), {}).setdefault(ep, []).append(row[key])
+        for mth in _order(series):
+            eps = sorted(series[mth])
+            ax.plot(eps, [statistics.fmean(series[mth][e]) for e in eps], label=mth)
+            drawn = True
+        ax.set_title(f"{AXIS_LABELS.get(x, x)} = {xv}" if x else "")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("unstable ReLUs / sample")
+    if drawn:
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        _save(fig, path)
+    plt.close(fig)
+    return drawn
+
+
+# ---- gap analysis -----------------------------------------------------------------------------------------
+def gap_rows(agg, panel, key) -> list:
+    """[(x, method, gap mean, AT mean)] of certified-training minus AT error at each x."""
+    rows = []
+    xs = sorted({k[2] for k in agg if k[0] == panel and k[2] is not None})
+    for xv in xs:
+        at = agg.get((panel, "AT", xv), {}).get(key)
+        if not at or at[0] is None:
+            continue
+        for mth in _order({k[1] for k in agg if k[0] == panel and k[2] == xv}):
+            if mth in ("AT", "TRADES", "standard"):
+                continue
+            v = agg[(panel, mth, xv)].get(key)
+            if v and v[0] is not None:
+                rows.append((xv, mth, v[0] - at[0], at[0]))
+    return rows
+
+
+def trend_sentence(rows, what, x) -> str:
+    by_m = {}
+    for xv, mth, g, _ in rows:
+        by_m.setdefault(mth, []).append((xv, g))
+    parts = []
+    for mth, pts in by_m.items():
+        pts.sort()
+        if len(pts) < 2:
+            continue
+        above = sum(g > 0 for _, g in pts)
+        ups = sum(b[1] > a[1] for a, b in zip(pts, pts[1:]))
+        grows = pts[-1][1] > pts[0][1]
+        parts.append(f"{mth}: above AT at {above}/{len(pts)} values of {x}; gap {pts[0][1] * 100:+.1f} → "
+                     f"{pts[-1][1] * 100:+.1f} points ({'grows' if grows else 'does not grow'}, "
+                     f"{ups}/{len(pts) - 1} steps up)")
+    return f"{what} gap (certified − AT): " + "; ".join(parts) + "." if parts else ""
+
+
+# ---- document blocks --------------------------------------------------------------------------------------
+class Doc:
+    def __init__(self):
+        self.blocks = []
+
+    def h(self, level, text):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text):
+        self.blocks.append(("p", text))
+
+    def table(self, header, rows):
+        self.blocks.append(("table", header, rows))
+
+    def img(self, rel, caption):
+        self.blocks.append(("img", rel, caption))
+
+    def markdown(self) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "table":
+                out.append("| " + " | ".join(b[1]) + " |")
+                out.append("|" + "|".join("---" for _ in b[1]) + "|")
+                out.extend("| " + " | ".join(str(c) for c in r) + " |" for r in b[2])
+            else:
+                out.append(f"![{b[2]}]({b[1]})")
+            out.append("")
+        return "\n".join(out)
+
+    def html(self, title) -> str:
+        e = html.escape
+        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+               "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+               "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;"
+               "text-align:right}th{background:#eee}td:first-child,th:first-child{text-align:left}"
+               "img{max-width:100%}</style></head><body>"]
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                out.append(f"<p>{e(b[1])}</p>")
+            elif b[0] == "table":
+                out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b[1]) + "</tr>")
+                out.extend("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
+                out.append("</table>")
+            else:
+                out.append(f"<figure><img src='{e(b[1])}' alt='{e(b[2])}'><figcaption>{e(b[2])}</figcaption>"
+                           "</figure>")
+        out.append("</body></html>")
+        return "\n".join(out)
+
+
+def _write_text(path, text):
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---- the report -------------------------------------------------------------------------------------------
+def _experiment_section(doc, exp, cells_all, fig_dir, rel):
+    name, spec = exp["name"], exp["spec"]
+    doc.h(2, f"Experiment {name}")
+    if spec.get("description"):
+        doc.p(" ".join(str(spec["description"]).split()))
+    counts = {}
+    for c in cells_all:
+        counts[c["status"]] = counts.get(c["status"], 0) + 1
+    cpu = sum((c["metrics"].get("time_train_s") or 0) + (c["metrics"].get("time_eval_s") or 0) for c in cells_all)
+    doc.p(f"Cells: {len(cells_all)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}); "
+          f"wall time of finished cells {cpu / 60:.1f} min." + (f" Budget: {spec['budget']}." if spec.get("budget")
+                                                                  else ""))
+    failed = [c for c in cells_all if c["status"] == "failed"]
+    if failed:
+        doc.table(["failed cell", "params", "error (last line)"],
+                  [[c["id"], _panel_name(sorted(c["params"].items())),
+                    (c["error"] or "").strip().splitlines()[-1][:160] if c["error"] else ""] for c in failed[:20]])
+    cells = [c for c in cells_all if c["status"] == "finished"]
+    if not cells:
+        doc.p("No finished cells yet.")
+        return
+    x, panels = split_axes(spec, cells)
+    agg = aggregate(cells, x, panels)
+    for panel in sorted({k[0] for k in agg}, key=str):
+        pname = _panel_name(panel)
+        if pname:
+            doc.h(3, pname)
+        xs = sorted({k[2] for k in agg if k[0] == panel}, key=lambda v: (v is None, v))
+        header = ([AXIS_LABELS.get(x, x)] if x else []) + ["method", "seeds", "standard err %", "robust err %",
+                                                             "certified err % (train relax.)", "ACR % of ε",
+                                                             "unstable ReLUs"]
+        rows = []
+        for xv in xs:
+            for mth in _order({k[1] for k in agg if k[0] == panel and k[2] == xv}):
+                v = agg[(panel, mth, xv)]
+                rows.append(([xv] if x else []) + [mth, len(v["_seeds"]), fmt(v.get("clean_error")),
+                                                   fmt(v.get("robust_error")), fmt(v.get("certified_error.train")),
+                                                   fmt(v.get("acr.train")), fmt(v.get("unstable_relus"), False)])
+        doc.table(header, rows)
+        slug = _slug(f"{name}-{pname}")
+        if x and len(xs) > 1:
+            fname = f"{slug}-vs-{_slug(x)}.png"
+            figure_vs_x(agg, panel, x, MAIN_METRICS, os.path.join(fig_dir, fname),
+                        f"{name} {pname}: error vs {AXIS_LABELS.get(x, x)}")
+            doc.img(f"{rel}/{fname}", f"error vs {AXIS_LABELS.get(x, x)} ({name} {pname}); mean ± s.e. over seeds")
+            for key, what in (("clean_error", "Standard-error"), ("robust_error", "Robust-error")):
+                rows_g = gap_rows(agg, panel, key)
+                if rows_g:
+                    s = trend_sentence(rows_g, what, AXIS_LABELS.get(x, x))
+                    if s:
+                        doc.p(s)
+        _relaxation_table(doc, agg, panel, xs, x)
+        fname = f"{slug}-tradeoff.png"
+        if figure_tradeoff(agg, panel, os.path.join(fig_dir, fname), f"{name} {pname}: clean accuracy vs ACR"):
+            doc.img(f"{rel}/{fname}", f"trade-off: clean accuracy vs ACR ({name} {pname}); labels = "
+                                      f"{AXIS_LABELS.get(x, x) if x else ''}")
+        fname = f"{slug}-unstable.png"
+        if figure_unstable(cells, panel, panels, x, os.path.join(fig_dir, fname),
+                           f"{name} {pname}: unstable ReLUs over training"):
+            doc.img(f"{rel}/{fname}", f"unstable ReLUs per sample over training ({name} {pname})")
+
+
+def _relaxation_table(doc, agg, panel, xs, x):
+    relaxed = sorted({k[1] for k in agg if k[0] == panel and k[1] not in ("AT", "TRADES", "standard")})
+    if len(relaxed) < 2:
+        return
+    diag = sorted({m for k, v in agg.items() if k[0] == panel for m in v if _DIAG.search(m)})
+    cert_methods = sorted({m[len("certified_error."):] for k, v in agg.items() if k[0] == panel for m in v
+                           if m.startswith("certified_error.") and m not in ("certified_error.train",
+                                                                              "certified_error.best")})
+    for xv in xs:
+        doc.p("Per-relaxation table" + (f" at {AXIS_LABELS.get(x, x)} = {xv}" if x else "") +
+              " (certified error by each evaluation method, %).")
+        header = ["relaxation", "standard err %", "robust err %", "cert. err (own relax.) %"] + \
+                 [f"cert. {RELAX_NAMES.get(m, m)} %" for m in cert_methods] + diag
+        rows = []
+        for mth in relaxed:
+            v = agg.get((panel, mth, xv))
+            if not v:
+                continue
+            rows.append([mth, fmt(v.get("clean_error")), fmt(v.get("robust_error")),
+                         fmt(v.get("certified_error.train"))] +
+                        [fmt(v.get(f"certified_error.{m}")) for m in cert_methods] +
+                        [fmt(v.get(d), False) for d in diag])
+        doc.table(header, rows)
+
+
+def write_report(sweep_dir, out_dir=None) -> str:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` for the sweep in ``sweep_dir`` into ``out_dir``
+    (default ``sweep_dir/report``); returns the path of report.md. Reads only the database."""
+    sweep_dir = os.fspath(sweep_dir)
+    out_dir = os.fspath(out_dir) if out_dir else os.path.join(sweep_dir, "report")
+    with Store(sweep_dir, readonly=True) as st:
+        exps = st.experiments()
+        if not exps:
+            raise CertlabError(f"the results database in {sweep_dir} has no experiments")
+        per_exp = [(e, st.cells(e["name"])) for e in exps]
+    fig_dir = os.path.join(out_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    doc = Doc()
+    title = "certlab report: " + ", ".join(e["name"] for e in exps)
+    doc.h(1, title)
+    doc.p(f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from {os.path.abspath(sweep_dir)}"
+          f"/results.sqlite. Errors in %, mean ± standard error over seeds (s.e. = std/√n; no ± with one seed). "
+          f"Robust error: the attack ensemble of the cell's evaluation (exact line search for segment sets, "
+          f"APGD for balls); certified error with the training relaxation unless stated.")
+    for exp, cells in per_exp:
+        _experiment_section(doc, exp, cells, fig_dir, "figures")
+    md = os.path.join(out_dir, "report.md")
+    _write_text(md, doc.markdown())
+    _write_text(os.path.join(out_dir, "report.html"), doc.html(title))
+    return md
