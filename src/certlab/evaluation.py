@@ -114,13 +114,13 @@ def evaluate(model, dataset, threat, certify=("ibp", "crown"), attacks=("apgd-ce
     finally:
         bar.close()
         model.train(was_training)
-    clean_error = float(wrong.float().mean())
+    clean_error = float(wrong.double().mean())
     out = {
         "n": N,
         "eps": eps_ref,
         "clean_error": clean_error,
-        "robust_error": float((rob | wrong).float().mean()) if attacks else None,
-        "certified_error": {m: float(1 - cert[m].float().mean()) for m in certify},
+        "robust_error": float((rob | wrong).double().mean()) if attacks else None,
+        "certified_error": {m: float(1 - cert[m].double().mean()) for m in certify},
         "acr": ({m: (float(radii[m].mean()) / eps_ref if eps_ref > 0 else 0.0) for m in acr_methods}
                 if acr_methods else None),
         "unstable_relus": float(unstable.mean()),

@@ -77,6 +77,9 @@ class TrainConfig:
     eval_acr: bool = False
     val_n: int = 500
 
+    def __post_init__(self):
+        self.validate()
+
     # -- conversion ----------------------------------------------------------------------------------------
     @classmethod
     def fields(cls) -> dict:
@@ -88,9 +91,7 @@ class TrainConfig:
         unknown = sorted(set(d) - set(cls.fields()))
         if unknown:
             raise CertlabError(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+        return cls(**d)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

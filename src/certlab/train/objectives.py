@@ -175,7 +175,7 @@ def _regularise(model, x, y, ctx, relus, threat):
 
 
 def _wants_reg(ctx) -> bool:
-    return ctx.cfg.fast_ibp_reg and schedules.in_warmup(ctx.cfg, ctx.t)
+    return ctx.cfg.fast_ibp_reg and ctx.eps > 0 and schedules.in_warmup(ctx.cfg, ctx.t)
 
 
 def certified(model, x, y, ctx):

@@ -1,0 +1,183 @@
+"""Training: schedules, config, objectives (each lowers its loss), certified training vs standard training."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import certlab
+from certlab.errors import CertlabError
+from certlab.threat import L2Ball, LinfBall
+from certlab.train import TrainConfig, train
+from certlab.train import schedules
+from certlab.train.objectives import OBJECTIVES, StepContext, fast_ibp_regularisers, worst_case_ce
+from certlab.train.threats import ThreatMaker
+from certlab import data as cdata
+
+
+# -- schedules ------------------------------------------------------------------------------------------------
+def test_linear_eps_kappa_beta_schedule():
+    cfg = TrainConfig(eps=0.2, eps_start_epoch=1, eps_ramp_epochs=4, kappa_start=1.0, kappa_end=0.5,
+                      beta_start=1.0, beta_end=0.0)
+    assert schedules.eps_at(cfg, 0.5) == 0.0
+    assert schedules.eps_at(cfg, 1.0) == 0.0
+    assert schedules.eps_at(cfg, 3.0) == pytest.approx(0.1)
+    assert schedules.eps_at(cfg, 5.0) == pytest.approx(0.2)
+    assert schedules.eps_at(cfg, 9.0) == pytest.approx(0.2)
+    assert schedules.kappa_at(cfg, 3.0) == pytest.approx(0.75)
+    assert schedules.beta_at(cfg, 3.0) == pytest.approx(0.5)
+    assert schedules.in_warmup(cfg, 4.9) and not schedules.in_warmup(cfg, 5.0)
+    # no ramp: full eps from the start epoch on
+    cfg0 = TrainConfig(eps=0.3)
+    assert schedules.eps_at(cfg0, 0.0) == pytest.approx(0.3)
+
+
+def test_smoothed_schedule_shape():
+    s = torch.linspace(0, 1, 401).tolist()
+    g = [schedules.smoothed(v) for v in s]
+    assert g[0] == 0 and g[-1] == pytest.approx(1.0)
+    assert all(b >= a for a, b in zip(g, g[1:]))  # monotone
+    # slow start: below the linear ramp everywhere inside (0, 1)
+    assert all(gv < sv for sv, gv in zip(s[1:-1], g[1:-1]))
+    # continuous value and slope at the mid point 1/4
+    m, h = schedules.MID, 1e-6
+    left = (schedules.smoothed(m) - schedules.smoothed(m - h)) / h
+    right = (schedules.smoothed(m + h) - schedules.smoothed(m)) / h
+    assert left == pytest.approx(right, rel=1e-3)
+    cfg = TrainConfig(eps=0.1, eps_schedule="smoothed", eps_ramp_epochs=4)
+    assert 0 < schedules.eps_at(cfg, 1.0) < 0.1 * 0.25
+    assert schedules.eps_at(cfg, 4.0) == pytest.approx(0.1)
+
+
+# -- config ---------------------------------------------------------------------------------------------------
+def test_config_yaml_round_trip(tmp_path):
+    cfg = TrainConfig(dataset="mnist", data={"n": 100}, model="wong-small", objective="certified",
+                      relaxation="CROWN-IBP", eps=0.15, lr_schedule="multistep", lr_milestones=[3, 5],
+                      eval_certify=["ibp", "crown"], grad_clip=10.0)
+    assert cfg.relaxation == "crown-ibp"  # resolved
+    p = tmp_path / "c.yaml"
+    cfg.save(p)
+    back = TrainConfig.load(p)
+    assert back == cfg
+    assert TrainConfig.from_yaml(cfg.to_yaml()).to_dict() == cfg.to_dict()
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(CertlabError, match="unknown config keys: bogus, zzz"):
+        TrainConfig.from_dict({"bogus": 1, "zzz": 2, "eps": 0.1})
+    for bad, msg in [({"eps": -0.1}, "eps must be >= 0"), ({"objective": "magic"}, "unknown objective"),
+                     ({"relaxation": "nope"}, "unknown relaxation"), ({"epochs": 0}, "epochs must be >= 1"),
+                     ({"kappa_start": 2.0}, "kappa_start must lie in"), ({"lr_schedule": "step"}, "lr_milestones"),
+                     ({"objective": "pgd", "attack": "fgsm9"}, "unknown attack")]:
+        with pytest.raises(CertlabError, match=msg):
+            TrainConfig.from_dict(bad)
+
+
+def test_train_rejects_unknown_dataset_and_model(tmp_path):
+    with pytest.raises(CertlabError, match="unknown dataset"):
+        train({"dataset": "imagenet-9000", "epochs": 1}, tmp_path / "a", progress=False)
+    with pytest.raises(CertlabError, match="unknown model"):
+        train({"dataset": "linsep", "model": "transformer", "epochs": 1}, tmp_path / "b", progress=False)
+
+
+# -- objectives -----------------------------------------------------------------------------------------------
+def _toy(n=128, d=6, seed=0):
+    ds = cdata.load("linsep", "train", d=d, n=n, margin=1.0, sigma=0.5, seed=seed)
+    return ds.x, ds.y, ds.info
+
+
+def _mlp(d, seed=0, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(d, 32)] + ([nn.BatchNorm1d(32)] if bn else []) + [nn.ReLU(), nn.Linear(32, 2)]
+    return nn.Sequential(*layers)
+
+
+def _ctx(cfg, info, eps):
+    maker = ThreatMaker(cfg.norm, info.name, info, cfg.k, cfg.seed)
+    return StepContext(cfg, maker, eps, cfg.kappa_start, cfg.beta_start, 100.0, seed=1)
+
+
+@pytest.mark.parametrize("objective,extra", [
+    ("standard", {}),
+    ("pgd", {"attack": "pgd", "attack_steps": 5}),
+    ("pgd", {"attack": "apgd-ce", "attack_steps": 5}),
+    ("trades", {"attack_steps": 3, "trades_beta": 3.0}),
+    ("certified", {"relaxation": "ibp"}),
+    ("certified", {"relaxation": "crown-ibp", "beta_start": 0.5}),
+    ("certified", {"relaxation": "crown", "norm": "l2"}),
+    ("adaptive", {"relaxation": "ibp", "kappa_start": 0.5}),
+    ("certified", {"relaxation": "ibp", "norm": "segments", "k": 2}),
+])
+def test_objective_lowers_its_loss(objective, extra):
+    x, y, info = _toy()
+    cfg = TrainConfig.from_dict({"dataset": "linsep", "objective": objective, "eps": 0.3, **extra})
+    model = _mlp(x.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ctx = _ctx(cfg, info, 0.3)
+    f = OBJECTIVES[objective]
+    first, _ = f(model, x, y, ctx)
+    first = float(first)
+    for _ in range(30):
+        loss, st = f(model, x, y, ctx)
+        assert math.isfinite(float(loss)) and 0 <= st["correct"] <= len(y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last, _ = f(model, x, y, ctx)
+    assert float(last) < 0.8 * first
+
+
+def test_certified_loss_is_ce_of_worst_case_logits_and_upper_bounds_clean_ce():
+    x, y, info = _toy(64)
+    model = _mlp(x.shape[1])
+    m = certlab.margins(model, x, y, LinfBall(0.2, domain=None), method="ibp")
+    z = -m
+    assert torch.all(z.gather(1, y[:, None]) == 0)
+    ce = torch.nn.functional.cross_entropy(model(x), y)
+    assert float(worst_case_ce(m, y)) >= float(ce) - 1e-6  # worst case ≥ clean (margins ≤ clean margins)
+    cfg = TrainConfig(dataset="linsep", objective="certified", eps=0.0)
+    loss0, _ = OBJECTIVES["certified"](model, x, y, _ctx(cfg, info, 0.0))
+    assert float(loss0) == pytest.approx(float(ce), rel=1e-5)  # ε = 0: exactly the clean CE
+
+
+def test_certified_objective_with_batchnorm_in_train_mode():
+    x, y, info = _toy(64)
+    model = _mlp(x.shape[1], bn=True).train()
+    cfg = TrainConfig(dataset="linsep", objective="certified", relaxation="crown-ibp", eps=0.1)
+    loss, st = OBJECTIVES["certified"](model, x, y, _ctx(cfg, info, 0.1))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_fast_ibp_regularisers_are_differentiable_and_sane():
+    x, y, info = _toy(64)
+    model = _mlp(x.shape[1])
+    th = L2Ball(0.3, domain=None)
+    relus = certlab.bounds.core.relu_bounds(model, x, th, "ibp")
+    tight, bal = fast_ibp_regularisers(relus, th, x)
+    assert 0 <= float(tight) <= 1 and 0 <= float(bal) <= 1
+    (tight + bal).backward()
+    assert model[0].weight.grad is not None
+    # all-dead layer: ReLU balance at its worst (1)
+    dead = _mlp(x.shape[1])
+    with torch.no_grad():
+        dead[0].bias.fill_(-100.0)
+    relus = certlab.bounds.core.relu_bounds(dead, x, th, "ibp")
+    assert float(fast_ibp_regularisers(relus, th, x)[1]) == pytest.approx(1.0)
+    # warm-up training with the regulariser switched on runs and reports the terms
+    cfg = TrainConfig(dataset="linsep", objective="certified", eps=0.3, fast_ibp_reg=True, eps_ramp_epochs=10)
+    ctx = StepContext(cfg, ThreatMaker("linf", "linsep", info), 0.1, 0.0, 1.0, 1.0, 0)
+    _, st = OBJECTIVES["certified"](model, x, y, ctx)
+    assert "reg_tight" in st and "reg_relu" in st
+
+
+def test_certified_training_raises_certified_accuracy(tmp_path):
+    base = {"dataset": "linsep", "data": {"d": 8, "n": 400, "margin": 1.0, "sigma": 1.0}, "model": "mlp",
+            "model_params": {"hidden": [32]}, "norm": "linf", "eps": 0.5, "epochs": 6, "batch_size": 50,
+            "lr": 5e-3, "eval_certify": ["ibp"], "eval_attacks": [], "val_n": 100, "seed": 1}
+    std = train({**base, "objective": "standard"}, tmp_path / "std", progress=False)["eval"]
+    ibp = train({**base, "objective": "certified", "relaxation": "ibp", "eps_ramp_epochs": 3, "kappa_start": 1.0},
+                tmp_path / "ibp", progress=False)["eval"]
+    assert ibp["certified_error"]["ibp"] < std["certified_error"]["ibp"] - 0.2
+    assert ibp["clean_error"] < 0.2
