@@ -91,8 +91,21 @@ def _np(t):
     return t.detach().double().cpu().numpy()
 
 
-def encode(g, x, threat, pre, b: int = 0, integral: bool = True) -> Encoding:
-    """Encoding of sample ``b`` of ``x`` over ``threat``; ``pre[i] = (l, u)`` ([B, *shape]) for every ReLU node i."""
+def dense_ops(g) -> dict:
+    """{affine node: (W csr float64, b float64)} — reusable across encodings of the same graph."""
+    out = {}
+    for i, node in enumerate(g.nodes):
+        if node.kind == "affine":
+            W, bias = node.op.dense()
+            out[i] = (sp.csr_matrix(_np(W)), _np(bias))
+    return out
+
+
+def encode(g, x, threat, pre, b: int = 0, integral: bool = True, splits=None, dense=None) -> Encoding:
+    """Encoding of sample ``b`` of ``x`` over ``threat``; ``pre[i] = (l, u)`` ([B, *shape]) for every ReLU node i.
+
+    ``splits[i]`` (optional, int tensor [B, n_i]): +1 forces z ≥ 0, −1 forces z ≤ 0 on neuron k of ReLU i (a
+    branch-and-bound subdomain); the rows are added explicitly since clamped bounds alone would not enforce them."""
     enc = Encoding()
     xb = x[b:b + 1]
     x0 = _np(xb).ravel()
@@ -127,16 +140,22 @@ def encode(g, x, threat, pre, b: int = 0, integral: bool = True) -> Encoding:
         if i == 0:
             continue
         if node.kind == "affine":
-            W, bias = node.op.dense()
-            W = sp.csr_matrix(_np(W))
+            if dense is not None and i in dense:
+                W, bias = dense[i]
+            else:
+                W, bias = node.op.dense()
+                W, bias = sp.csr_matrix(_np(W)), _np(bias)
             M, c = enc.expr[node.inputs[0]]
-            enc.expr[i] = (sp.csr_matrix(W @ M), W @ c + _np(bias))
+            enc.expr[i] = (sp.csr_matrix(W @ M), W @ c + bias)
         elif node.kind == "add":
             (M1, c1), (M2, c2) = enc.expr[node.inputs[0]], enc.expr[node.inputs[1]]
             n = max(M1.shape[1], M2.shape[1])
             enc.expr[i] = (pad(M1, n) + pad(M2, n), c1 + c2)
         else:
-            enc.expr[i] = _relu(enc, enc.expr[node.inputs[0]], pre[i], b, integral)
+            zexpr = enc.expr[node.inputs[0]]
+            if splits is not None and i in splits:
+                _split_rows(enc, zexpr, splits[i][b].reshape(-1).cpu().numpy())
+            enc.expr[i] = _relu(enc, zexpr, pre[i], b, integral)
     return enc
 
 
@@ -148,8 +167,7 @@ def _relu(enc: Encoding, zexpr, bounds, b, integral):
     cross = (l < 0) & (u > 0)
     k = int(cross.sum())
     M = sp.csr_matrix(M)
-    keep = sp.diags(active.astype(float))
-    out_M = keep @ M
+    out_M = sp.diags(active.astype(float)) @ M
     out_c = np.where(active, c, 0.0)
     if k == 0:
         return sp.csr_matrix(out_M), out_c
@@ -158,14 +176,29 @@ def _relu(enc: Encoding, zexpr, bounds, b, integral):
     y = enc.new_vars(np.zeros(k), uc)
     d = enc.new_vars(np.zeros(k), np.ones(k), integer=integral)
     n = enc.n
-    Mz = pad(M[ci], n)
-    Ey = sp.csr_matrix((np.ones(k), (np.arange(k), y)), shape=(k, n))
-    Ed = sp.csr_matrix((np.ones(k), (np.arange(k), d)), shape=(k, n))
+    Mz = M[ci].tocoo()
     cz = c[ci]
-    # y − z ≥ c ;  y − z − l δ ≤ c − l ;  y − u δ ≤ 0
-    enc.add_rows(Ey - Mz, cz, np.full(k, np.inf))
-    enc.add_rows(Ey - Mz - sp.diags(lc) @ Ed, np.full(k, -np.inf), cz - lc)
-    enc.add_rows(Ey - sp.diags(uc) @ Ed, np.full(k, -np.inf), np.zeros(k))
+    ar = np.arange(k)
+    # rows 0..k-1: y − z ≥ c ;  k..2k-1: y − z − l δ ≤ c − l ;  2k..3k-1: y − u δ ≤ 0
+    rows = np.concatenate([Mz.row, Mz.row + k, ar, ar + k, ar + 2 * k, ar + k, ar + 2 * k])
+    cols = np.concatenate([Mz.col, Mz.col, y, y, y, d, d])
+    vals = np.concatenate([-Mz.data, -Mz.data, np.ones(3 * k), -lc, -uc])
+    A = sp.csr_matrix((vals, (rows, cols)), shape=(3 * k, n))
+    enc.add_rows(A, np.concatenate([cz, np.full(2 * k, -np.inf)]),
+                 np.concatenate([np.full(k, np.inf), cz - lc, np.zeros(k)]))
     sel = sp.csr_matrix((np.ones(k), (ci, y)), shape=(m, n))
-    out = pad(out_M, n) + sel
-    return sp.csr_matrix(out), out_c
+    return sp.csr_matrix(pad(out_M, n) + sel), out_c
+
+
+def _split_rows(enc: Encoding, zexpr, sv):
+    """z_k ≥ 0 where sv = +1, z_k ≤ 0 where sv = −1."""
+    M, c = zexpr
+    for sign in (1, -1):
+        idx = np.nonzero(sv == sign)[0]
+        if idx.size == 0:
+            continue
+        rows = pad(sp.csr_matrix(M)[idx], enc.n)
+        if sign == 1:
+            enc.add_rows(rows, -c[idx], np.full(idx.size, np.inf))
+        else:
+            enc.add_rows(rows, np.full(idx.size, -np.inf), -c[idx])

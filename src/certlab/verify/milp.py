@@ -30,7 +30,7 @@ from certlab.attacks.base import eval_mode
 from certlab.bounds import backsub, core
 from certlab.bounds.ibp import interval_pass
 from certlab.errors import CertlabError, InputError
-from certlab.verify.encode import Encoding, encode
+from certlab.verify.encode import Encoding, dense_ops, encode
 from certlab.verify.result import Result, check_counterexample
 
 TOL = 1e-6  # a margin must exceed this (solver precision) to count as verified
@@ -100,7 +100,7 @@ class Problem:
         bound = None if bound is None else sign * float(bound) + const
         if res.status == 0 and bound is None:
             bound = value
-        status = "optimal" if res.status == 0 else ("limit" if res.status == 1 else "failed")
+        status = {0: "optimal", 1: "limit", 2: "infeasible"}.get(res.status, "failed")
         return {"status": status, "value": value, "bound": bound, "v": v,
                 "nodes": int(getattr(res, "mip_node_count", 0) or 0)}
 
@@ -164,8 +164,8 @@ def evaluator(model, shape):
     return make
 
 
-def problem(g, x, threat, pre, b: int, integral=True) -> Problem:
-    enc = encode(g, x, threat, pre, b, integral)
+def problem(g, x, threat, pre, b: int, integral=True, splits=None, dense=None) -> Problem:
+    enc = encode(g, x, threat, pre, b, integral, splits, dense)
     x0 = x[b].detach().double().cpu().numpy().ravel()
     eps = float(threat.eps_vector(x)[b]) if threat.norm == "l2" else 0.0
     return Problem(enc, threat, x0, eps)
@@ -194,9 +194,10 @@ def exact_bounds(model, x, threat, C=None, pre: str = "ibp", timeout: float = 12
         P = pre_bounds(g, x, threat, pre)
         B, S = Cn.shape[:2]
         lower, upper = np.zeros((B, S)), np.zeros((B, S))
+        dense = dense_ops(g)
         make = evaluator(model, x.shape[1:]) if threat.norm == "l2" else None
         for b in range(B):
-            prob = problem(g, x, threat, P, b)
+            prob = problem(g, x, threat, P, b, dense=dense)
             for s in range(S):
                 obj, const = prob.enc.linear(g.output, Cn[b, s])
                 va = make(Cn[b, s]) if make else None

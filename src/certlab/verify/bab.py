@@ -1,0 +1,378 @@
+"""Branch and bound over ReLU splits (complete for ℓ∞ balls and unions of segments, sound for ℓ2).
+
+A subdomain fixes the sign of some crossing ReLUs: z ≥ 0 (its pre-activation lower bound becomes max(l, 0)) or
+z ≤ 0 (upper bound min(u, 0)). For a batch of subdomains we
+
+1. recompute the pre-activation bounds of every later ReLU by back-substitution (CROWN lines) with the clamped
+   bounds, intersected with the parent's (a subdomain's bounds only shrink);
+2. lower-bound every margin f_y − f_j by back-substitution to the input; a subdomain whose margins are all > 0 is
+   done, one with an empty bound interval (l > u) is infeasible and dropped;
+3. evaluate the model at the minimiser of the linear lower bound over the input set (a vertex for ℓ∞) and, every few
+   rounds, refine the worst candidates with a few PGD steps — any misclassified point ends the search;
+4. split the neuron with the largest score relu(−Λ)·(−l·u/(u−l)) + ¼·relu(Λ)·min(u, −l) (Λ: the back-substitution
+   coefficient of the worst margin at that ReLU, i.e. the looseness its relaxation adds; BaBSR-like).
+
+A subdomain with no crossing neuron left is an affine region: its exact minimum under the split constraints is an
+LP (HiGHS), which verifies it or yields a point. Subdomains are explored worst bound first, in batches.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from certlab.attacks.base import eval_mode
+from certlab.bounds import backsub, core
+from certlab.bounds.ibp import prefix_bounds
+from certlab.bounds.ops import LinearOp
+from certlab.errors import CertlabError, InputError
+from certlab.verify.encode import dense_ops
+from certlab.verify.milp import TOL, problem
+from certlab.verify.result import Result, check_counterexample
+
+BUDGET = 3e7  # floats per back-substitution chunk (memory cap)
+
+
+def single_threat(threat, x, b):
+    """The set around x[b] alone, valid for any batch of copies of x[b] (scalar eps, shared directions)."""
+    eps = float(threat.eps_vector(x)[b])
+    if threat.norm == "segments":
+        d = threat.directions_for(x)[b]
+        return type(threat)(d.reshape(d.shape[0], *x.shape[1:]), eps, threat.domain)
+    return threat.with_eps(eps)
+
+
+@dataclass
+class Domain:
+    lower: float
+    lo: list  # per ReLU: [n_r] pre-activation lower bounds
+    hi: list
+    split: list  # per ReLU: int8 [n_r] in {-1, 0, +1}
+    branch: tuple | None  # (relu position, neuron) to split next; None: no crossing neuron left
+    depth: int = 0
+    n_cross: int = 0
+
+
+class _Search:
+    def __init__(self, model, x, y, threat, batch):
+        self.model, self.x, self.y, self.threat = model, x, y, threat
+        self.g = core.build_graph(model, x)
+        self.K = core.output_dim(self.g)
+        self.relus = self.g.relus
+        self.shapes = [self.g.nodes[r].shape for r in self.relus]
+        self.exact = prefix_bounds(self.g, x, threat)[1]  # ReLU inputs whose IBP interval is already exact
+        self.batch = batch
+        C = core.margin_spec(y, self.K, x.dtype)[0]
+        keep = [j for j in range(self.K) if j != int(y[0])]
+        self.rows = keep
+        C = C[keep]  # [S, K]
+        last = self.g.nodes[-1]
+        if last.kind == "affine" and isinstance(last.op, LinearOp):
+            self.start = last.inputs[0]
+            self.A = C @ last.op.W
+            self.c = C @ last.op.b if last.op.b is not None else C.new_zeros(C.shape[0])
+        else:
+            self.start, self.A, self.c = len(self.g.nodes) - 1, C, C.new_zeros(C.shape[0])
+        self.dense = None
+        self.n_max = max([int(np.prod(n.shape)) for n in self.g.nodes])
+
+    # -- bounds ------------------------------------------------------------------------------------------
+    def _record(self, pre, N):
+        """Back-substitution of the margin rows; returns (A at the input, constant, {relu: Λ before relaxing})."""
+        A = self.A.unsqueeze(0).expand(N, *self.A.shape).reshape(N, self.A.shape[0], *self.g.nodes[self.start].shape)
+        total = self.c.unsqueeze(0).expand(N, -1).clone()
+        pending, coefs = {self.start: A}, {}
+        for i in range(self.start, 0, -1):
+            Ai = pending.pop(i, None)
+            if Ai is None:
+                continue
+            node = self.g.nodes[i]
+            if node.kind == "affine":
+                total = total + node.op.bias_back(Ai)
+                _acc(pending, node.inputs[0], node.op.back(Ai))
+            elif node.kind == "relu":
+                coefs[i] = Ai
+                a, s, t, _ = backsub.relu_lines(*pre[i], lower="adaptive")
+                pos, neg = Ai.clamp(min=0), Ai.clamp(max=0)
+                total = total + (neg * t.unsqueeze(1)).flatten(2).sum(-1)
+                _acc(pending, node.inputs[0], pos * a.unsqueeze(1) + neg * s.unsqueeze(1))
+            else:
+                _acc(pending, node.inputs[0], Ai)
+                _acc(pending, node.inputs[1], Ai)
+        return pending.pop(0), total, coefs
+
+    def evaluate(self, lo, hi, split, start_pos):
+        """Recompute ReLU bounds after position start_pos, then margins. Returns (lo, hi, low [N,S], A0, coefs)."""
+        N = lo[0].shape[0]
+        X = self.x.expand(N, *self.x.shape[1:])
+        pre = {}
+        lo, hi = list(lo), list(hi)
+        for pos, r in enumerate(self.relus):
+            l, u = lo[pos], hi[pos]
+            p = self.g.nodes[r].inputs[0]
+            if pos > start_pos and p not in self.exact:
+                cols = ((l < 0) & (u > 0)).any(0).nonzero().flatten()
+                if cols.numel():
+                    nl, nu = self._node_bounds(p, cols, pre, X, pos)
+                    l, u = l.clone(), u.clone()
+                    l[:, cols] = torch.maximum(l[:, cols], nl)
+                    u[:, cols] = torch.minimum(u[:, cols], nu)
+                sp = split[pos]
+                l = torch.where(sp > 0, l.clamp_min(0), l)
+                u = torch.where(sp < 0, u.clamp_max(0), u)
+            lo[pos], hi[pos] = l, u
+            pre[r] = (l.reshape(N, *self.shapes[pos]), u.reshape(N, *self.shapes[pos]))
+        A0, total, coefs = self._record(pre, N)
+        low = self.threat.concretize(A0, X)[0] + total
+        return lo, hi, low, A0, coefs
+
+    def _node_bounds(self, p, cols, pre, X, pos):
+        N, n = X.shape[0], int(np.prod(self.shapes[pos]))
+        chunk = max(1, int(BUDGET // (2 * N * self.n_max)))
+        outs_l, outs_u = [], []
+        for c0 in range(0, cols.numel(), chunk):
+            cc = cols[c0:c0 + chunk]
+            S = cc.numel()
+            A = torch.zeros(N, S, n, dtype=X.dtype, device=X.device)
+            A[:, torch.arange(S), cc] = 1.0
+            lo_, hi_ = backsub.both_bounds(self.g, p, A.reshape(N, S, *self.shapes[pos]), pre, X, self.threat)
+            outs_l.append(lo_)
+            outs_u.append(hi_)
+        return torch.cat(outs_l, 1), torch.cat(outs_u, 1)
+
+    # -- candidates -------------------------------------------------------------------------------------------
+    def argmin_points(self, A0w):
+        """Minimiser over the input set of A0w·x' (one row per domain): [N, *in]."""
+        N = A0w.shape[0]
+        X = self.x.expand(N, *self.x.shape[1:])
+        if self.threat.norm == "linf":
+            lo, hi = self.threat.interval_hull(X)
+            return torch.where(A0w > 0, lo, hi)
+        if self.threat.norm == "l2":
+            nrm = A0w.reshape(N, -1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (X.dim() - 1)))
+            return self.threat.project(X - self.threat.eps_view(X) * A0w / nrm, X)
+        d = self.threat.directions_for(X)  # [N, k, n]
+        ad = torch.einsum("nk,njk->nj", A0w.reshape(N, -1), d)
+        blo, bhi = self.threat.beta_range(X)
+        v_lo, v_hi = ad * blo, ad * bhi
+        use_hi = v_hi < v_lo
+        best = torch.where(use_hi, v_hi, v_lo)
+        j = best.argmin(1)
+        beta = torch.where(use_hi, bhi, blo).gather(1, j.view(-1, 1)).squeeze(1)
+        return self.threat.points(X, j, beta)
+
+    def find_counterexample(self, pts, pgd_steps=0):
+        """A misclassified point among pts (optionally after PGD steps on the worst margin), checked, or None."""
+        if pgd_steps and self.threat.norm in ("linf", "l2"):
+            pts = self._pgd(pts, pgd_steps)
+        with torch.no_grad():
+            out = self.model(pts)
+        bad = (out.argmax(1) != self.y[0]).nonzero().flatten()
+        for i in bad.tolist()[:4]:
+            z = check_counterexample(self.model, self.x, self.y, self.threat, 0, pts[i])
+            if z is not None:
+                return z
+        return None
+
+    def _pgd(self, z, steps):
+        N = z.shape[0]
+        X = self.x.expand(N, *self.x.shape[1:])
+        eps = float(self.threat.eps_vector(self.x)[0])
+        step = 0.25 * eps
+        yv = self.y.expand(N)
+        for _ in range(steps):
+            z = z.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = self.model(z)
+                other = out.scatter(1, yv.view(-1, 1), float("-inf")).max(1).values
+                m = (out.gather(1, yv.view(-1, 1)).squeeze(1) - other).sum()
+                gr, = torch.autograd.grad(m, z)
+            if self.threat.norm == "linf":
+                z = z - step * gr.sign()
+            else:
+                gn = gr.reshape(N, -1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (z.dim() - 1)))
+                z = z - step * gr / gn
+            z = self.threat.project(z.detach(), X)
+            step *= 0.8
+        return z.detach()
+
+    def choose(self, lo, hi, split, coefs, w):
+        """Branching neuron per domain: [(pos, k) or None]."""
+        N = w.shape[0]
+        best_s = torch.full((N,), -1.0, dtype=self.x.dtype)
+        best = torch.full((N, 2), -1, dtype=torch.long)
+        ar = torch.arange(N)
+        for pos, r in enumerate(self.relus):
+            l, u = lo[pos], hi[pos]
+            cross = (l < 0) & (u > 0) & (split[pos] == 0)
+            if not cross.any():
+                continue
+            lam = coefs[r][ar, w].reshape(N, -1) if r in coefs else torch.zeros_like(l)
+            t = u * (-l) / (u - l).clamp_min(1e-12)
+            score = (-lam).clamp_min(0) * t + 0.25 * lam.clamp_min(0) * torch.minimum(u, -l) + 1e-6 * t
+            score = torch.where(cross, score, torch.full_like(score, -1.0))
+            s, k = score.max(1)
+            better = s > best_s
+            best_s = torch.where(better, s, best_s)
+            best[better, 0] = pos
+            best[better, 1] = k[better]
+        return [None if best_s[i] < 0 else (int(best[i, 0]), int(best[i, 1])) for i in range(N)]
+
+    def leaf(self, d: Domain, deadline):
+        """Exact LP over an affine region (no crossing neuron left), or exact MILP over a subdomain with few
+        crossing neurons (binaries only for those): 'verified', a counterexample, or 'stuck'."""
+        pre = {r: (d.lo[p].reshape(1, *self.shapes[p]), d.hi[p].reshape(1, *self.shapes[p]))
+               for p, r in enumerate(self.relus)}
+        splits = {r: d.split[p].reshape(1, -1) for p, r in enumerate(self.relus)}
+        integral = d.n_cross > 0
+        if self.dense is None:
+            self.dense = dense_ops(self.g)
+        prob = problem(self.g, self.x, self.threat, pre, 0, integral=integral, splits=splits, dense=self.dense)
+        C = core.margin_spec(self.y, self.K, self.x.dtype)[0].double().cpu().numpy()
+        for j in self.rows:
+            obj, const = prob.enc.linear(self.g.output, C[j])
+            r = prob.optimise(obj, const, False, deadline, integral=integral)
+            if r["status"] == "infeasible":  # a relaxation of the region is empty: so is the region
+                return "verified"
+            if r["bound"] is not None and r["bound"] > TOL:
+                continue
+            if r["point"] is not None:
+                z = check_counterexample(self.model, self.x, self.y, self.threat, 0,
+                                         torch.as_tensor(r["point"], dtype=self.x.dtype))
+                if z is not None:
+                    return z
+            return "stuck"
+        return "verified"
+
+
+def _acc(pending, j, A):
+    pending[j] = A if j not in pending else pending[j] + A
+
+
+def _stack(domains, attr):
+    return [torch.stack([getattr(d, attr)[p] for d in domains]) for p in range(len(getattr(domains[0], attr)))]
+
+
+def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, leaf_milp):
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    nodes = 0
+
+    def done(status, z=None, bound=None):
+        return Result(status, z, time.perf_counter() - t0, nodes, bound, "bab")
+
+    z = check_counterexample(model, x, y, threat, 0, x[0])
+    if z is not None:
+        return done("falsified", z)
+    if attack:
+        from certlab.attacks import run
+
+        try:
+            za = run(model, x, y, threat, method="apgd-ce", steps=50, restarts=1, seed=0)
+            z = check_counterexample(model, x, y, threat, 0, za[0])
+        except CertlabError:
+            z = None
+        if z is not None:
+            return done("falsified", z)
+    S = _Search(model, x, y, threat, batch)
+    pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")[0]
+    lo = [pre0[r][0].reshape(1, -1) for r in S.relus]
+    hi = [pre0[r][1].reshape(1, -1) for r in S.relus]
+    split = [torch.zeros_like(v, dtype=torch.int8) for v in lo]
+    heap, counter = [], itertools.count()
+    stuck = False
+    pending = [(lo, hi, split, len(S.relus), [0])]
+    rounds = 0
+    global_low = None
+    while pending:
+        lo, hi, split, start_pos, depths = pending.pop()
+        lo, hi, low, A0, coefs = S.evaluate(lo, hi, split, start_pos)
+        nodes += low.shape[0]
+        rounds += 1
+        if global_low is None:
+            global_low = float(low.min())
+        w = low.argmin(1)
+        pts = S.argmin_points(A0[torch.arange(low.shape[0]), w])
+        steps = 10 if (pgd_every and rounds % pgd_every == 0) else 0
+        z = S.find_counterexample(pts, steps)
+        if z is not None:
+            return done("falsified", z)
+        worst = low.min(1).values
+        infeasible = torch.zeros_like(worst, dtype=torch.bool)
+        for l, u in zip(lo, hi):
+            infeasible |= ((l - u) > 1e-5 * (1 + l.abs() + u.abs())).any(1)
+        open_ = ((worst <= TOL) & ~infeasible).nonzero().flatten().tolist()
+        n_cross = sum(((l < 0) & (u > 0) & (sp == 0)).sum(1) for l, u, sp in zip(lo, hi, split))
+        if open_:
+            choice = S.choose([v[open_] for v in lo], [v[open_] for v in hi], [v[open_] for v in split], {r: c[open_] for r, c in coefs.items()}, w[open_])
+            for n, i in enumerate(open_):
+                d = Domain(float(worst[i]), [v[i] for v in lo], [v[i] for v in hi], [v[i] for v in split],
+                           choice[n], depths[i], int(n_cross[i]))
+                heapq.heappush(heap, (d.lower, next(counter), d))
+        if time.perf_counter() > deadline or nodes >= max_nodes:
+            break
+        # next batch: worst bounds first; affine regions go to the LP
+        take = []
+        while heap and len(take) < max(1, batch // 2):
+            _, _, d = heapq.heappop(heap)
+            if d.branch is None or d.n_cross <= leaf_milp:
+                res = S.leaf(d, deadline)
+                nodes += 1
+                if isinstance(res, torch.Tensor):
+                    return done("falsified", res)
+                if res == "stuck":
+                    stuck = True
+                continue
+            take.append(d)
+        if not take:
+            break
+        kids_lo, kids_hi, kids_split, kd = [], [], [], []
+        for d in take:
+            pos, k = d.branch
+            for sign in (1, -1):
+                l = [v.clone() if p == pos else v for p, v in enumerate(d.lo)]
+                u = [v.clone() if p == pos else v for p, v in enumerate(d.hi)]
+                s = [v.clone() if p == pos else v for p, v in enumerate(d.split)]
+                s[pos][k] = sign
+                if sign > 0:
+                    l[pos][k] = max(float(l[pos][k]), 0.0)
+                else:
+                    u[pos][k] = min(float(u[pos][k]), 0.0)
+                kids_lo.append(l)
+                kids_hi.append(u)
+                kids_split.append(s)
+                kd.append(d.depth + 1)
+        start = min(d.branch[0] for d in take)
+        stack = lambda ks: [torch.stack([k[p] for k in ks]) for p in range(len(S.relus))]  # noqa: E731
+        pending.append((stack(kids_lo), stack(kids_hi), stack(kids_split), start, kd))
+    if not heap and not pending and not stuck:
+        return done("verified", bound=global_low)
+    return done("unknown", bound=global_low)
+
+
+def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, batch: int = 64,
+           attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12) -> list:
+    """Branch and bound per sample → list of :class:`Result`. ``timeout`` seconds and ``max_nodes`` evaluated
+    subdomains per sample; ``batch`` subdomains bounded together; ``attack``: APGD-CE first; ``pgd_every``: every
+    that many rounds, 10 PGD steps from the bound minimisers (0: never); ``leaf_milp``: subdomains with at most that
+    many crossing neurons are finished by an exact MILP (binaries for those neurons only; 0: LP leaves only)."""
+    core.validate(model, x, threat)
+    for name, v in (("timeout", timeout), ("max_nodes", max_nodes), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise InputError(f"{name} must be a positive number, got {v!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    with eval_mode(model), torch.no_grad():
+        K = core.output_dim(core.build_graph(model, x[:1]))
+        y = core.check_labels(y, x.shape[0], K, x.device)
+        out = []
+        for b in range(x.shape[0]):
+            ts = single_threat(threat, x, b)
+            out.append(_bab_one(model, x[b:b + 1], y[b:b + 1], ts, float(timeout), int(max_nodes), int(batch),
+                                attack, pgd_every, int(leaf_milp)))
+    return out

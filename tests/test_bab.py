@@ -1,0 +1,101 @@
+"""Branch and bound agrees with the exact MILP; its answers are re-checked against the model."""
+
+import pytest
+import torch
+from torch import nn
+
+import certlab
+from certlab.errors import InputError
+from certlab.verify import bab, milp
+
+
+def _net(seed, widths=(2, 20, 20, 3)):
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(len(widths) - 1):
+        lin = nn.Linear(widths[i], widths[i + 1])
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * (2.0 / widths[i]) ** 0.5)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def _valid(model, x, y, threat, res):
+    for b, r in enumerate(res):
+        if r.status == "falsified":
+            z = r.counterexample.unsqueeze(0)
+            assert bool(threat.contains(z, x[b:b + 1], tol=1e-5)[0])
+            assert int(model(z).argmax(1)[0]) != int(y[b])
+        else:
+            assert r.counterexample is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_bab_agrees_with_milp_on_random_mlps(seed):
+    torch.manual_seed(0)
+    model = _net(seed)
+    x = torch.rand(8, 2, generator=torch.Generator().manual_seed(seed + 10))
+    y = model(x).argmax(1)
+    for eps in (0.05, 0.15, 0.3):
+        threat = certlab.LinfBall(eps)
+        rb = bab.verify(model, x, y, threat, timeout=20, attack=False)
+        rm = milp.verify(model, x, y, threat, timeout=20, attack=False)
+        _valid(model, x, y, threat, rb)
+        assert [r.status for r in rb] == [r.status for r in rm]
+        assert all(r.status != "unknown" for r in rb)
+        for m in ("ibp", "crown", "alpha-crown"):  # never certify what MILP falsifies
+            cert = certlab.certify(model, x, y, threat, m)
+            assert not any(bool(c) and r.status == "falsified" for c, r in zip(cert, rm))
+
+
+def test_bab_needs_branching_and_still_agrees():
+    """A case CROWN cannot certify but the MILP proves robust: BaB must split to agree."""
+    model = _net(3)
+    x = torch.rand(8, 2, generator=torch.Generator().manual_seed(13))[7:8]
+    y = model(x).argmax(1)
+    threat = certlab.LinfBall(0.3)
+    assert not bool(certlab.certify(model, x, y, threat, "crown")[0])
+    assert milp.verify(model, x, y, threat, attack=False)[0].status == "verified"
+    r = bab.verify(model, x, y, threat, timeout=30, attack=False)[0]
+    assert r.status == "verified" and r.nodes > 1
+    r = bab.verify(model, x, y, threat, timeout=30, attack=False, leaf_milp=0, max_nodes=3)[0]
+    assert r.status == "unknown"  # the node limit stops it short
+
+
+def test_bab_cnn_residual_and_segments():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = cnn(x).argmax(1)
+    th = certlab.LinfBall(0.08)
+    rb, rm = bab.verify(cnn, x, y, th, timeout=20), milp.verify(cnn, x, y, th, timeout=20)
+    _valid(cnn, x, y, th, rb)
+    assert [r.status for r in rb] == [r.status for r in rm]
+    body = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    res = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), certlab.nn.Residual(body), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.rand(6, 2, generator=torch.Generator().manual_seed(2))
+    y = res(x).argmax(1)
+    seg = certlab.SegmentUnion(torch.randn(3, 2, generator=torch.Generator().manual_seed(3)), 0.4, domain=(0, 1))
+    for th in (certlab.LinfBall(0.3), seg):
+        rb = bab.verify(res, x, y, th, timeout=20, attack=False)
+        rm = milp.verify(res, x, y, th, timeout=20, attack=False)
+        _valid(res, x, y, th, rb)
+        assert [r.status for r in rb] == [r.status for r in rm]
+
+
+def test_bab_l2_is_sound_and_bad_input_raises():
+    model = _net(1, (2, 12, 12, 3))
+    x = torch.rand(5, 2, generator=torch.Generator().manual_seed(4))
+    y = model(x).argmax(1)
+    th = certlab.L2Ball(0.2)
+    rb = bab.verify(model, x, y, th, timeout=10)
+    rm = milp.verify(model, x, y, th, timeout=10)
+    _valid(model, x, y, th, rb)
+    for a, b in zip(rb, rm):
+        assert {a.status, b.status} != {"verified", "falsified"}
+    with pytest.raises(InputError):
+        bab.verify(model, x, y, th, timeout=0)
+    with pytest.raises(InputError):
+        bab.verify(model, x, y[:1], th)
