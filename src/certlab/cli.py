@@ -12,7 +12,6 @@ import certlab
 # sub-command name -> module providing register(subparsers) that adds exactly that sub-command
 COMMANDS = {
     "demo": "certlab.demo",
-    "bounds": "certlab.bounds.cli",
     "train": "certlab.train.cli",
     "evaluate": "certlab.train.cli",
     "certify": "certlab.verify.cli",

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from certlab.bounds import patches
+
 
 def relu_lines(l, u, lower="adaptive"):
     """(lower slope a, upper slope s, upper intercept t, crossing mask) for pre-activation bounds [l, u]."""
@@ -107,9 +109,19 @@ def intermediate(g, x, threat, lower="adaptive"):
             continue
         idx = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :S]
         valid = torch.arange(S, device=x.device).unsqueeze(0) < cnt.unsqueeze(1)
-        A = torch.zeros(B, S, n, device=x.device, dtype=x.dtype)
-        A.scatter_(2, idx.unsqueeze(-1), valid.unsqueeze(-1).to(x.dtype))
-        lo, hi = both_bounds(g, p, A.reshape(B, S, *shape), pre, x, threat, lower)
+        path = patches.chain(g, p)
+        if path is not None:  # convolution chain to the input: receptive-field patches instead of dense rows
+            C, H, W = shape
+            chan, rows, cols = idx // (H * W), (idx // W) % H, idx % W
+            coef = valid.to(x.dtype)
+            cat = (lambda t: torch.cat([t, t], 1))
+            low = patches.lower_rows(g, p, path, cat(chan), cat(rows), cat(cols), torch.cat([coef, -coef], 1),
+                                     pre, x, threat, lower)
+            lo, hi = low[:, :S], -low[:, S:]
+        else:
+            A = torch.zeros(B, S, n, device=x.device, dtype=x.dtype)
+            A.scatter_(2, idx.unsqueeze(-1), valid.unsqueeze(-1).to(x.dtype))
+            lo, hi = both_bounds(g, p, A.reshape(B, S, *shape), pre, x, threat, lower)
         slot = torch.where(valid, idx, torch.full_like(idx, n))
         ninf = torch.full((B, n + 1), float("-inf"), device=x.device, dtype=x.dtype)
         new_l = ninf.scatter(1, slot, lo)[:, :n]

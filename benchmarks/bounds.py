@@ -1,0 +1,155 @@
+"""Bound-engine throughput: samples/s of every method, and its cost relative to a plain forward pass measured in the
+same run. When auto_LiRPA is importable (a scratch environment, never a dependency) it also prints certlab / auto_LiRPA
+throughput ratios and the largest difference between the two libraries' bounds.
+
+    python benchmarks/bounds.py                       # all models, all methods that fit the CPU budget
+    python benchmarks/bounds.py --models small-cnn --methods ibp,crown-ibp,crown --batch 32
+
+Models: MLP 784-256-256-10; the small CNN conv(16,4,s2,p1)-conv(32,4,s2,p1)-fc100-fc10 on 1x28x28; CNN7-BN on
+3x32x32. Weights are the zoo's defaults with certlab.models.init_ibp_ (what certified training starts from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import certlab
+from certlab.models import build, init_ibp_
+
+MODELS = {
+    "mlp": ("mlp", (1, 28, 28), {"hidden": (256, 256)}),
+    "small-cnn": ("wong-small", (1, 28, 28), {}),
+    "cnn7": ("cnn7", (3, 32, 32), {}),
+}
+# methods whose cost on CNN7 (65k neurons a layer) needs a GPU: skipped on CPU unless asked for explicitly
+HEAVY = {"cnn7": {"hbox", "deepz", "fastlin", "crown", "alpha-crown"}}
+
+
+def timeit(fn, repeat, min_time=0.5):
+    fn()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        el = time.perf_counter() - t0
+        if n >= repeat and el >= min_time or el > 30:
+            return el / n
+
+
+def margin_spec(y, K):
+    eye = torch.eye(K)
+    C = eye[y].unsqueeze(1) - eye.unsqueeze(0)
+    keep = torch.ones(y.shape[0], K, dtype=torch.bool)
+    keep[torch.arange(y.shape[0]), y] = False
+    return C[keep].reshape(y.shape[0], K - 1, K)
+
+
+def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
+    arch, shape, params = MODELS[name]
+    torch.manual_seed(0)
+    model = build(arch, shape, 10, **params)
+    init_ibp_(model)
+    model = model.to(device).eval()
+    x = torch.rand(batch, *shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    threat = certlab.LinfBall(eps)
+    C = margin_spec(y.cpu(), 10).to(device)
+    with torch.no_grad():
+        t_fwd = timeit(lambda: model(x), repeat)
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    t_fwd_bwd = timeit(fwd_bwd, repeat)
+    print(f"\n## {name} ({arch}, input {shape}, batch {batch}, eps {eps}, device {device}, threads {torch.get_num_threads()})")
+    print(f"forward: {batch / t_fwd:,.0f} samples/s; forward+backward: {batch / t_fwd_bwd:,.0f} samples/s")
+    print("| method | samples/s (no grad) | × forward | samples/s (with backward) | × forward+backward |")
+    print("|---|---|---|---|---|")
+    rows = {}
+    for m in methods:
+        if m in HEAVY.get(name, ()) and not explicit:
+            print(f"| {m} | skipped: needs a GPU at this size | | | |")
+            continue
+
+        def run():
+            with torch.no_grad():
+                return certlab.bounds(model, x, threat, method=m, C=C)
+
+        def run_grad():
+            model.zero_grad(set_to_none=True)
+            lo = certlab.bounds(model, x, threat, method=m, C=C).lower
+            torch.nn.functional.softplus(-lo).mean().backward()
+
+        t = timeit(run, repeat)
+        tg = timeit(run_grad, max(1, repeat // 2))
+        rows[m] = (t, run())
+        print(f"| {m} | {batch / t:,.1f} | {t / t_fwd:.1f} | {batch / tg:,.1f} | {tg / t_fwd_bwd:.1f} |")
+    if lirpa is not None and name != "cnn7":
+        compare_lirpa(lirpa, model, x, C, eps, rows, repeat, batch)
+
+
+def compare_lirpa(lirpa, model, x, C, eps, rows, repeat, batch):
+    BoundedModule, BoundedTensor, PerturbationLpNorm = lirpa
+    ptb = PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
+    bx = BoundedTensor(x, ptb)
+    print("\n| method | auto_LiRPA mode | auto_LiRPA samples/s | certlab / auto_LiRPA throughput | max |bound difference| |")
+    print("|---|---|---|---|---|")
+    for ours, theirs in (("ibp", "IBP"), ("crown-ibp", "CROWN-IBP"), ("crown", "CROWN")):
+        if ours not in rows:
+            continue
+        for mode in ("patches", "matrix"):
+            try:
+                bm = BoundedModule(model, x, bound_opts={"conv_mode": mode}, device=str(x.device))
+
+                def run():
+                    with torch.no_grad():
+                        return bm.compute_bounds(x=(bx,), C=C, method=theirs)
+
+                t = timeit(run, repeat)
+                lb, ub = run()
+                t_ours, b = rows[ours]
+                diff = max((lb - b.lower).abs().max().item(), (ub - b.upper).abs().max().item())
+                print(f"| {ours} | {mode} | {batch / t:,.1f} | {t / t_ours:.2f} | {diff:.2e} |")
+            except Exception as e:  # a peer's failure is reported, never fatal
+                print(f"| {ours} | {mode} | failed: {type(e).__name__}: {str(e)[:80]} | | |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mlp,small-cnn,cnn7")
+    ap.add_argument("--methods", default=",".join(certlab.METHODS))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--cnn7-batch", type=int, default=4)
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-lirpa", action="store_true", help="skip the auto_LiRPA comparison even if importable")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lirpa = None
+    if not args.no_lirpa:
+        try:
+            from auto_LiRPA import BoundedModule, BoundedTensor
+            from auto_LiRPA.perturbations import PerturbationLpNorm
+
+            lirpa = (BoundedModule, BoundedTensor, PerturbationLpNorm)
+            import auto_LiRPA
+
+            print(f"auto_LiRPA {auto_LiRPA.__version__} found: comparing")
+        except ImportError:
+            print("auto_LiRPA not importable: certlab numbers only")
+    methods = [m for m in args.methods.split(",") if m]
+    explicit = args.methods != ",".join(certlab.METHODS)
+    for name in args.models.split(","):
+        batch = args.cnn7_batch if name == "cnn7" else args.batch
+        bench_model(name, methods, batch, args.eps, args.repeat, args.device, lirpa, explicit)
+
+
+if __name__ == "__main__":
+    main()
