@@ -170,3 +170,33 @@ def test_bounds_callable_module_is_also_a_package():
     import certlab.bounds.crown as crown_mod  # the folder layout stays importable
 
     assert callable(certlab.bounds) and crown_mod.__name__ == "certlab.bounds.crown"
+
+
+@pytest.mark.parametrize("kind", ["linf", "l2", "segments"])
+def test_patches_mode_equals_dense_back_substitution(kind, monkeypatch):
+    """Conv-chain intermediate bounds by receptive-field patches are the dense back-substitution, to rounding."""
+    from certlab.bounds import patches
+    from nets import threat_for
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        certlab.nn.Normalize([0.4, 0.5], [0.3, 0.2]),
+        nn.Conv2d(2, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 6, 3, stride=1, padding=2, dilation=2), nn.ReLU(),
+        nn.AvgPool2d(2, 1, padding=1), nn.Conv2d(6, 4, 2, stride=2, padding=0, bias=False), nn.ReLU(),
+        nn.Flatten(), nn.LazyLinear(3),
+    )
+    x = torch.rand(3, 2, 9, 9)
+    model(x)
+    with torch.no_grad():
+        model[2].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    th = threat_for(kind, x, 0.05 if kind == "linf" else 0.5)
+    calls = []
+    real_chain = patches.chain
+    monkeypatch.setattr(patches, "chain", lambda g, s: calls.append(s) or real_chain(g, s))
+    fast = certlab.bounds(model, x, th, "crown")
+    assert any(real_chain(certlab.bounds.build_graph(model, x), s) for s in calls), "patches mode was not used"
+    monkeypatch.setattr(patches, "chain", lambda g, s: None)
+    dense = certlab.bounds(model, x, th, "crown")
+    assert torch.allclose(fast.lower, dense.lower, atol=1e-5) and torch.allclose(fast.upper, dense.upper, atol=1e-5)
