@@ -351,8 +351,8 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         stack = lambda ks: [torch.stack([k[p] for k in ks]) for p in range(len(S.relus))]  # noqa: E731
         pending.append((stack(kids_lo), stack(kids_hi), stack(kids_split), start, kd))
     if not heap and not pending and not stuck:
-        return done("verified", bound=global_low)
-    return done("unknown", bound=global_low)
+        return done("verified")
+    return done("unknown", bound=min([global_low] + ([heap[0][0]] if heap else [])))
 
 
 def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, batch: int = 64,

@@ -15,7 +15,8 @@ STATUSES = ("verified", "falsified", "unknown")
 class Result:
     """``status`` in {"verified", "falsified", "unknown"}; ``counterexample`` (a point of the set, shape of one
     sample, misclassified by the model) only when falsified; ``time`` in seconds; ``nodes`` explored (MILP/BaB
-    nodes or solver calls); ``bound``: best proven lower bound on the worst margin (None when not computed)."""
+    nodes or solver calls); ``bound``: a proven lower bound on the worst margin f_y − f_j over the set where one is
+    known (milp/lp: the solver's; bab: when unknown, the worst open subdomain's), else None."""
 
     status: str
     counterexample: torch.Tensor | None = None

@@ -1,0 +1,198 @@
+"""``certlab certify``, ``certlab diagnose`` and ``certlab export`` (run directories written by ``certlab train``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+from certlab.errors import CertlabError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("certify", help="verify test samples of a trained run (verified/falsified/unknown)")
+    p.add_argument("run_dir")
+    p.add_argument("--norm", choices=("linf", "l2", "segments"), default=None, help="default: the run's norm")
+    p.add_argument("--eps", type=float, default=None, help="radius (default: the run's evaluation eps)")
+    p.add_argument("--method", default="crown",
+                   help="bab | milp | lp | ibp | hbox | deepz | fastlin | crown | crown-ibp | alpha-crown")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per sample (bab, milp, lp)")
+    p.add_argument("--n", type=int, default=None, help="first N test samples (default: all)")
+    p.add_argument("--out", default=None, help="JSON-lines output (default: RUN_DIR/certify_<method>_<norm>_<eps>.jsonl)")
+    p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint")
+    p.add_argument("--batch", type=int, default=256, help="samples per batch for the relaxations")
+    p.add_argument("--max-nodes", type=int, default=100000, help="bab: subdomains per sample")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=certify_cmd)
+
+    d = subparsers.add_parser("diagnose", help="tightness, unstable ReLUs, continuity and sensitivity per relaxation")
+    d.add_argument("run_dir")
+    d.add_argument("--relaxations", default="ibp,hbox,crown,deepz,crown-ibp")
+    d.add_argument("--norm", choices=("linf", "l2", "segments"), default=None)
+    d.add_argument("--eps", type=float, default=None)
+    d.add_argument("--n", type=int, default=64, help="test samples")
+    d.add_argument("--lp-samples", type=int, default=4, help="samples for the gap to the LP optimum (0: skip)")
+    d.add_argument("--grid", type=int, default=41, help="points of the continuity scan")
+    d.add_argument("--which", choices=("best", "last"), default="best")
+    d.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    d.set_defaults(func=diagnose_cmd)
+
+    e = subparsers.add_parser("export", help="write the run's model as ONNX and a sample's property as VNN-LIB")
+    e.add_argument("run_dir")
+    e.add_argument("--onnx", default=None, help="output .onnx file")
+    e.add_argument("--vnnlib", default=None, help="output .vnnlib file (needs --eps)")
+    e.add_argument("--index", type=int, default=0, help="test sample for the VNN-LIB property")
+    e.add_argument("--eps", type=float, default=None, help="l_inf radius of the property (default: the run's)")
+    e.add_argument("--which", choices=("best", "last"), default="best")
+    e.set_defaults(func=export_cmd)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def load(run_dir, which="best"):
+    """(model, cfg, test set, ThreatMaker) of a run."""
+    from certlab.train import load_run
+    from certlab.train.setup import load_data
+    from certlab.train.threats import ThreatMaker
+
+    model, cfg = load_run(run_dir, which)
+    _, test, info = load_data(cfg)
+    return model, cfg, test, lambda norm: ThreatMaker(norm, info.name, info, cfg.k, cfg.seed)
+
+
+def atomic_write(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_results(path: str, setting: dict) -> dict:
+    """{index: record} already in ``path`` for the same setting; another setting → CertlabError."""
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    with open(path) as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                idx = int(rec["index"])
+            except (ValueError, KeyError, TypeError):
+                raise CertlabError(f"{path}:{no} is not a certify result line; remove the file or pass --out") from None
+            other = {k: rec.get(k) for k in setting}
+            if other != setting:
+                raise CertlabError(f"{path} holds results for {other}, not {setting}; pass another --out")
+            out[idx] = rec
+    return out
+
+
+def _progress(total, desc, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()))
+
+
+# -- certify -----------------------------------------------------------------------------------------------------
+def certify_cmd(args) -> int:
+    import torch
+
+    from certlab.verify.complete import ALL_METHODS, COMPLETE, verify_any
+
+    method = args.method.lower()
+    if method not in COMPLETE:
+        from certlab.bounds.api import resolve_method
+
+        method = resolve_method(method)
+    if method not in ALL_METHODS:
+        raise CertlabError(f"unknown method {args.method!r}; choose one of {', '.join(ALL_METHODS)}")
+    for name in ("timeout", "batch", "max_nodes"):
+        if not getattr(args, name) > 0:
+            raise CertlabError(f"--{name.replace('_', '-')} must be > 0")
+    if args.n is not None and args.n < 0:
+        raise CertlabError("--n must be >= 0")
+    model, cfg, test, maker_for = load(args.run_dir, args.which)
+    norm = args.norm or cfg.norm
+    eps = cfg.final_eval_eps if args.eps is None else args.eps
+    if not eps >= 0:
+        raise CertlabError(f"--eps must be >= 0, got {eps}")
+    maker = maker_for(norm)
+    n = len(test) if args.n is None else min(args.n, len(test))
+    out = args.out or os.path.join(args.run_dir, f"certify_{method}_{norm}_{eps:g}.jsonl")
+    setting = {"method": method, "norm": norm, "eps": eps}
+    done = read_results(out, setting)
+    todo = [i for i in range(n) if i not in done]
+    chunk = 1 if method in COMPLETE else args.batch
+    kw = {"max_nodes": args.max_nodes} if method == "bab" else {}
+    bar = _progress(len(todo), f"certify {method}", not args.no_progress)
+    try:
+        for s in range(0, len(todo), chunk):
+            idx = torch.tensor(todo[s:s + chunk])
+            x, y = test.x[idx], test.y[idx]
+            res = verify_any(model, x, y, maker(x, eps), method, timeout=args.timeout, **kw)
+            for i, r in zip(idx.tolist(), res):
+                done[i] = {"index": i, "label": int(test.y[i]), **setting, **r.to_dict()}
+            atomic_write(out, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    counts = {"verified": 0, "falsified": 0, "unknown": 0}
+    for i in range(n):
+        counts[done[i]["status"]] += 1
+    total = max(n, 1)
+    print(f"certify {method} {norm} eps={eps:g} on {n} test samples of {args.run_dir}")
+    for k, v in counts.items():
+        print(f"  {k:9s} {v:6d}  ({100.0 * v / total:.1f}%)")
+    print(f"results: {out}")
+    return 0
+
+
+# -- diagnose -------------------------------------------------------------------------------------------------
+def diagnose_cmd(args) -> int:
+    from certlab.verify.diagnostics import diagnose, format_rows
+
+    model, cfg, test, maker_for = load(args.run_dir, args.which)
+    norm = args.norm or cfg.norm
+    eps = cfg.final_eval_eps if args.eps is None else args.eps
+    maker = maker_for(norm)
+    rel = [r.strip() for r in args.relaxations.split(",") if r.strip()]
+    rows = diagnose(model, test, lambda x: maker(x, eps), rel, n=args.n, lp_samples=args.lp_samples,
+                    grid=args.grid)
+    print(format_rows(rows, f"relaxation diagnostics: {norm} eps={eps:g}, {args.n} samples of {args.run_dir}"))
+    if args.json:
+        atomic_write(args.json, json.dumps(rows, indent=2))
+    return 0
+
+
+# -- export -------------------------------------------------------------------------------------------------------
+def export_cmd(args) -> int:
+    if not args.onnx and not args.vnnlib:
+        raise CertlabError("nothing to export: give --onnx FILE and/or --vnnlib FILE")
+    model, cfg, test, _ = load(args.run_dir, args.which)
+    if args.onnx:
+        from certlab.interchange.onnx import export_onnx
+
+        export_onnx(model, tuple(test.x.shape[1:]), args.onnx)
+        print(f"wrote {args.onnx}")
+    if args.vnnlib:
+        from certlab.interchange.vnnlib import write_vnnlib
+
+        if not 0 <= args.index < len(test):
+            raise CertlabError(f"--index must lie in [0, {len(test) - 1}], got {args.index}")
+        eps = cfg.final_eval_eps if args.eps is None else args.eps
+        x, y = test.x[args.index], int(test.y[args.index])
+        info = test.info
+        domain = None if info.domain is None else tuple(info.domain)
+        with __import__("torch").no_grad():
+            K = int(model(x.unsqueeze(0)).shape[1])
+        write_vnnlib(args.vnnlib, x, y, eps, K, domain=domain)
+        print(f"wrote {args.vnnlib} (sample {args.index}, label {y}, l_inf eps={eps:g})")
+    return 0
