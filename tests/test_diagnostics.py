@@ -1,0 +1,80 @@
+"""Relaxation diagnostics: orderings that theory guarantees, and the CLI table."""
+
+import pytest
+import torch
+from torch import nn
+
+import certlab
+from certlab.errors import InputError
+from certlab.verify import diagnostics
+
+
+def _net(seed, widths=(4, 16, 16, 3), relu=True):
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(len(widths) - 1):
+        lin = nn.Linear(widths[i], widths[i + 1])
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * (2.0 / widths[i]) ** 0.5)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
+        layers += [lin, nn.ReLU()] if relu else [lin]
+    return nn.Sequential(*(layers[:-1] if relu else layers)).eval()
+
+
+def test_diagnose_orderings():
+    torch.manual_seed(0)
+    model = _net(0)
+    x = torch.rand(16, 4, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    rows = diagnostics.diagnose(model, (x, y), certlab.LinfBall(0.05), ("ibp", "crown", "crown-ibp", "fastlin"),
+                                n=16, lp_samples=3, grid=9)
+    r = {row["relaxation"]: row for row in rows}
+    assert set(r) == {"ibp", "crown", "crown-ibp", "fastlin"}
+    for m in r:  # the triangle LP (CROWN∩IBP intermediates) is at least as tight as each of these
+        assert r[m]["lp_gap"] >= -1e-4
+        assert 0.0 <= r[m]["certified"] <= 1.0 and r[m]["max_slope"] >= 0 and r[m]["sensitivity"] >= 0
+    assert r["ibp"]["width"] >= r["crown"]["width"] - 1e-6
+    assert r["ibp"]["unstable"] >= r["crown"]["unstable"]
+    assert r["crown-ibp"]["unstable"] == r["ibp"]["unstable"]  # both use IBP's intermediate bounds
+    assert abs(r["ibp"]["sensitivity"] - 1.0) < 1e-6
+    assert r["ibp"]["lp_gap"] > r["crown"]["lp_gap"]
+    text = diagnostics.format_rows(rows, "t")
+    assert "crown-ibp" in text and "LP gap" in text
+
+
+def test_continuity_smooth_on_linear_network():
+    """Without ReLUs the certified loss is smooth in the weights: no jump stands out."""
+    model = _net(2, relu=False)
+    x = torch.rand(8, 4, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+    slope, ratio = diagnostics.continuity(model, x, y, certlab.LinfBall(0.05), "crown", grid=21)
+    assert slope > 0 and ratio < 5
+    with pytest.raises(InputError):
+        diagnostics.continuity(model, x, y, certlab.LinfBall(0.05), "crown", grid=2)
+    with pytest.raises(InputError):
+        diagnostics.diagnose(model, (x, y), certlab.LinfBall(0.05), ("nope",))
+
+
+def test_diagnose_and_certify_cli(tmp_path, capsys):
+    from certlab.cli import main
+    from certlab.train import TrainConfig, train
+
+    cfg = TrainConfig(dataset="spheres", data={"d": 4, "n": 200}, model="mlp", model_params={"hidden": [12, 12]},
+                      epochs=2, lr=0.01, eps=0.05, batch_size=50, eval_n=20, eval_attacks=[], eval_certify=["ibp"],
+                      eval_acr=False)
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    assert main(["diagnose", str(run), "--relaxations", "ibp,crown", "--n", "8", "--lp-samples", "2",
+                 "--grid", "5", "--json", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ibp" in out and "crown" in out and (tmp_path / "d.json").exists()
+    res = tmp_path / "r.jsonl"
+    assert main(["certify", str(run), "--method", "bab", "--eps", "0.05", "--n", "6", "--timeout", "5",
+                 "--out", str(res), "--no-progress"]) == 0
+    lines = res.read_text().splitlines()
+    assert len(lines) == 6
+    assert main(["certify", str(run), "--method", "bab", "--eps", "0.05", "--n", "9", "--timeout", "5",
+                 "--out", str(res), "--no-progress"]) == 0  # resumes: 3 more
+    out = capsys.readouterr().out
+    assert len(res.read_text().splitlines()) == 9 and "verified" in out
+    assert main(["certify", str(run), "--method", "crown", "--eps", "0.05", "--n", "9", "--out", str(res)]) == 2
