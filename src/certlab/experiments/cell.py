@@ -74,3 +74,45 @@ def run_cell(config: dict, run_dir: str) -> dict:
     metrics["train"] = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     summary = {k: v for k, v in summary.items() if k != "eval"}
     return {"metrics": metrics, "summary": summary, "eval": ev, "history": read_history(run_dir)}
+
+
+def _diag_threat(cfg, info):
+    from certlab.threat import L2Ball, LinfBall
+
+    domain = None if info.domain is None else tuple(info.domain)
+    eps = cfg.final_eval_eps
+    return LinfBall(eps, domain=domain) if cfg.norm == "linf" else L2Ball(eps, domain=domain)
+
+
+def diagnostics_metrics(rows, own: str) -> dict:
+    """``diagnose`` rows -> {relaxation: {numeric key: value}} plus the training relaxation's values under
+    ``own``."""
+    out = {}
+    for row in rows or []:
+        if not isinstance(row, dict):
+            continue
+        name = str(row.get("relaxation", row.get("method", len(out))))
+        out[name] = {k: float(v) for k, v in row.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if own in out:
+        out["own"] = dict(out[own])
+    return out
+
+
+def run_cell_diagnostics(config: dict, run_dir: str, n: int = 200) -> dict:
+    """:func:`run_cell`, then ``certlab.verify.diagnostics.diagnose`` (tightness, continuity, sensitivity, …)
+    of the trained model under every ``eval_certify`` relaxation on the first ``n`` test points; numeric values
+    go to ``metrics["diag"][relaxation]`` (``"own"`` = the training relaxation)."""
+    result = run_cell(config, run_dir)
+    from certlab.train import load_run
+    from certlab.train.setup import load_data
+    from certlab.verify.diagnostics import diagnose
+
+    model, cfg = load_run(run_dir, which="last")
+    _, test, info = load_data(cfg)
+    x, y = test.x[:n], test.y[:n]
+    relaxations = list(dict.fromkeys([cfg.relaxation, *cfg.eval_certify]))
+    rows = diagnose(model, (x, y), _diag_threat(cfg, info), relaxations)
+    result["metrics"]["diag"] = diagnostics_metrics(rows, cfg.relaxation)
+    result["diagnostics"] = rows
+    return result

@@ -42,7 +42,7 @@ def _sweep(args) -> int:
     if args.dry_run:
         rows = runner.plan(exps, out)
         for e in exps:
-            if e.cell_fn == grid.DEFAULT_CELL_FN:
+            if grid.uses_train_config(e):
                 grid.validate_configs([c for name, c, _ in rows if name == e.name])
             print(f"experiment {e.name}: {sum(r[0] == e.name for r in rows)} cells"
                   + (f"  (budget: {e.budget})" if e.budget else ""))

@@ -11,6 +11,11 @@ An experiment file (YAML) has the keys
     exclude:                         # optional: drop every cell matching all key/values of one entry
       - {objective: pgd, k: 3}
     cell_fn: module:function         # optional: what runs one cell (default certlab.experiments.cell:run_cell)
+    budget: text                     # optional: the CPU budget, shown in dry runs and reports
+    extends: other_name              # optional: start from the base of an earlier experiment of the same file
+                                     # (deep merge: this base's keys override, nested dicts merge)
+
+A file may hold several experiments as YAML documents separated by ``---``.
 
 Keys may be dotted paths into nested dicts (``data.margin`` sets ``base["data"]["margin"]``). The number of
 cells is ∏ |grid[key]| × ∏ len(zip group) minus the excluded ones. A cell's config is the base with the cell's
@@ -34,7 +39,7 @@ import yaml
 from certlab.errors import CertlabError
 
 DEFAULT_CELL_FN = "certlab.experiments.cell:run_cell"
-_TOP_KEYS = {"name", "description", "base", "grid", "zip", "exclude", "cell_fn", "budget"}
+_TOP_KEYS = {"name", "description", "base", "grid", "zip", "exclude", "cell_fn", "budget", "extends"}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -103,6 +108,17 @@ def set_path(d: dict, key: str, value) -> None:
             raise CertlabError(f"grid key {key!r}: {p!r} is not a dict in the base config")
         d = nxt
     d[parts[-1]] = copy.deepcopy(value)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """A copy of ``base`` with ``over`` written in; nested dicts merge key by key."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
 
 
 def get_path(d: dict, key: str, default=None):
@@ -188,7 +204,17 @@ def load_all(path) -> list:
         raise CertlabError(f"experiment file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not docs:
         raise CertlabError(f"experiment file {path} is empty")
-    exps = [from_dict(d, source=path) for d in docs]
+    exps, by_name = [], {}
+    for d in docs:
+        if isinstance(d, dict) and d.get("extends") is not None:
+            parent = by_name.get(d["extends"])
+            if parent is None:
+                raise CertlabError(f"{path}: experiment {d.get('name')!r} extends {d['extends']!r}, which is not an "
+                                   f"earlier experiment of this file")
+            d = {**d, "base": deep_merge(parent.base, d.get("base") or {})}
+        e = from_dict(d, source=path)
+        by_name[e.name] = e
+        exps.append(e)
     names = [e.name for e in exps]
     if len(set(names)) != len(names):
         raise CertlabError(f"experiment file {path} repeats an experiment name: {', '.join(names)}")
@@ -240,6 +266,11 @@ def expand(exp: Experiment) -> list:
         seen.add(cid)
         cells.append(Cell(cid, len(cells), params, config))
     return cells
+
+
+def uses_train_config(exp: Experiment) -> bool:
+    """Whether the cells are TrainConfig dicts (the cell functions shipped in certlab.experiments.cell)."""
+    return exp.cell_fn.startswith("certlab.experiments.cell:")
 
 
 def validate_configs(cells: list) -> None:

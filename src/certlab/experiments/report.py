@@ -31,7 +31,7 @@ RELAX_NAMES = {"ibp": "IBP", "hbox": "hBox", "deepz": "DeepZ", "fastlin": "Fast-
 OBJ_NAMES = {"pgd": "AT", "trades": "TRADES", "standard": "standard"}
 METHOD_KEYS = ("objective", "relaxation")
 AXIS_LABELS = {"k": "k (number of segments)", "eps": "ε", "data.margin": "margin γ", "kappa_end": "κ (end)",
-               "kappa_start": "κ (start)", "seed": "seed"}
+               "kappa_start": "κ", "seed": "seed"}
 MAIN_METRICS = (("clean_error", "standard error"), ("robust_error", "robust error"),
                 ("certified_error.train", "certified error"), ("unstable_relus", "unstable ReLUs"))
 _DIAG = re.compile(r"(tightness|continuity|sensitivity)", re.I)
@@ -55,16 +55,25 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def is_seed_axis(key: str) -> bool:
+    """``seed`` and any nested ``*.seed`` (e.g. ``data.seed``) are replicates, aggregated over."""
+    return key == "seed" or key.endswith(".seed")
+
+
 def split_axes(spec: dict, cells: list) -> tuple:
     """(x axis or None, panel axes) from the experiment's varied keys (seed and method keys excluded)."""
     axes = list(spec.get("grid", {}))
     for g in spec.get("zip", []):
         axes.extend(g)
-    rest = [a for a in axes if a != "seed" and a not in METHOD_KEYS]
+    rest = [a for a in axes if not is_seed_axis(a) and a not in METHOD_KEYS]
     numeric = [a for a in rest if all(_is_number(c["params"].get(a)) for c in cells if a in c["params"])]
     numeric = [a for a in numeric if len({c["params"].get(a) for c in cells}) > 1]
     x = numeric[0] if numeric else None
-    panels = [a for a in rest if a != x]
+    tied = set()  # numeric keys zipped with x vary with it (e.g. kappa_end with kappa_start): not panels
+    for g in spec.get("zip", []):
+        if x in g:
+            tied |= {a for a in g if a in numeric}
+    panels = [a for a in rest if a != x and a not in tied]
     return x, panels
 
 

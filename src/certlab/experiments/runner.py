@@ -137,7 +137,7 @@ def run_sweep(experiment, out_dir, jobs: int = 1, launcher: str = "local", addre
     ray = _import_ray() if launcher == "ray" else None
     per_exp = [(e, e.cells()) for e in exps]
     for e, cells in per_exp:
-        if validate and e.cell_fn == gridmod.DEFAULT_CELL_FN:
+        if validate and gridmod.uses_train_config(e):
             gridmod.validate_configs(cells)
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
