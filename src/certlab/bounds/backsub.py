@@ -60,9 +60,13 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
             a, s, t = a.unsqueeze(1), s.unsqueeze(1), t.unsqueeze(1)
             if alpha is not None and i in alpha:
                 a = torch.where(crossing.unsqueeze(1), alpha[i], a)
-            pos, neg = Ai.clamp(min=0), Ai.clamp(max=0)
-            total = total + (neg * t).flatten(2).sum(-1)
-            _acc(pending, node.inputs[0], pos * a + neg * s)
+            # Λ⁺a + Λ⁻s = Λs + Λ⁺(a − s); the constant Λ⁻t as a batched dot product (no [B, S, n] temporary)
+            pos = Ai.clamp(min=0)
+            neg = Ai - pos
+            Bn, Sn = Ai.shape[:2]
+            t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1, 1)
+            total = total + torch.bmm(neg.reshape(Bn, Sn, -1), t_b).squeeze(-1)
+            _acc(pending, node.inputs[0], torch.addcmul(Ai * s, pos, a - s))
         else:  # add
             _acc(pending, node.inputs[0], Ai)
             _acc(pending, node.inputs[1], Ai)
