@@ -117,7 +117,7 @@ def test_objective_lowers_its_loss(objective, extra):
     ctx = _ctx(cfg, info, 0.3)
     f = OBJECTIVES[objective]
     first, _ = f(model, x, y, ctx)
-    first = float(first)
+    first = float(first.detach())
     for _ in range(30):
         loss, st = f(model, x, y, ctx)
         assert math.isfinite(float(loss)) and 0 <= st["correct"] <= len(y)

@@ -178,10 +178,19 @@ def _wants_reg(ctx) -> bool:
     return ctx.cfg.fast_ibp_reg and ctx.eps > 0 and schedules.in_warmup(ctx.cfg, ctx.t)
 
 
+def _clean(model, x, y, kappa):
+    """Clean logits and CE; without a graph when κ = 0 (the clean term then has no weight)."""
+    if kappa > 0:
+        logits = model(x)
+        return logits, F.cross_entropy(logits, y)
+    with torch.no_grad():
+        logits = model(x)
+    return logits, 0.0
+
+
 def certified(model, x, y, ctx):
     cfg = ctx.cfg
-    logits = model(x)
-    clean = F.cross_entropy(logits, y)
+    logits, clean = _clean(model, x, y, ctx.kappa)
     threat = ctx.threat(x)
     m, relus = margins_and_relus(model, x, y, threat, cfg.relaxation, _wants_reg(ctx), **_bound_opts(cfg, ctx.beta))
     loss = ctx.kappa * clean + (1 - ctx.kappa) * worst_case_ce(m, y)
@@ -191,8 +200,7 @@ def certified(model, x, y, ctx):
 
 def adaptive(model, x, y, ctx):
     cfg = ctx.cfg
-    logits = model(x)
-    clean = F.cross_entropy(logits, y)
+    logits, clean = _clean(model, x, y, ctx.kappa)
     right = logits.detach().argmax(1) == y
     if ctx.eps > 0:
         with torch.no_grad():
