@@ -188,10 +188,10 @@ def test_sweep_killed_and_resumed_runs_each_cell_once(fake):
     out = fake / "sweep"
     path = fake / "toy.yaml"
     import yaml
-    path.write_text(yaml.safe_dump(spec(log, base={"objective": "pgd", "log": str(log), "sleep": 0.4})))
+    path.write_text(yaml.safe_dump(spec(log, base={"objective": "pgd", "log": str(log), "sleep": 1.0})))
     cmd = [sys.executable, "-m", "certlab.cli", "sweep", str(path), "--out", str(out), "--jobs", "2", "-q"]
     proc = subprocess.Popen(cmd, env=os.environ.copy())
-    deadline = time.time() + 40
+    deadline = time.time() + 150  # generous: the CLI's start (torch import) is slow on a loaded machine
     done = 0
     while time.time() < deadline:
         time.sleep(0.1)
@@ -211,7 +211,7 @@ def test_sweep_killed_and_resumed_runs_each_cell_once(fake):
         before = {c["id"]: c["status"] for c in st.cells("toy")}
     finished_before = {k for k, v in before.items() if v == "finished"}
     assert any(v == "running" for v in before.values())  # killed while cells were running
-    time.sleep(0.6)  # orphaned workers (if any survived) would write now
+    time.sleep(1.2)  # orphaned workers (if any survived) would write now
     assert subprocess.run(cmd, env=os.environ.copy()).returncode == 0
     with store.Store(out, readonly=True) as st:
         cells = st.cells("toy")
@@ -307,3 +307,18 @@ def test_real_cell_spheres(tmp_path):
             assert m["clean_error"] <= m["robust_error"] + 1e-9
             assert m["robust_error"] <= m["certified_error.ibp"] + 1e-9   # sound: certified ⇒ not attacked
             assert len(c["history"]) == 1
+
+
+def test_report_axes_and_identical_axis_note():
+    spec_ = {"grid": {"objective": ["pgd"], "seed": [0]},
+             "zip": [{"kappa_start": [0.0, 0.5], "kappa_end": [0.0, 0.5]}, {"norm": ["linf", "l2"], "eps": [0.1, 1.0]}]}
+    cells = [{"params": {"objective": "pgd", "seed": 0, "kappa_start": a, "kappa_end": a, "norm": n, "eps": e}}
+             for a in (0.0, 0.5) for n, e in (("linf", 0.1), ("l2", 1.0))]
+    x, panels = report.split_axes(spec_, cells)
+    assert x == "kappa_start" and panels == ["norm", "eps"]   # kappa_end is tied to x, not a panel
+    same = {((), "AT", xv): {"clean_error": (0.1, None, 1), "robust_error": (0.2, None, 1)} for xv in (1, 5)}
+    assert "no effect" in report.identical_note(same, (), "k")
+    same[((), "AT", 5)] = {"clean_error": (0.1, None, 1), "robust_error": (0.3, None, 1)}
+    assert report.identical_note(same, (), "k") == ""
+    assert report.fmt((0.1234, 0.01, 2)) == "12.3 ± 1.0" and report.fmt((0.5, None, 1)) == "50.0"
+    assert report.mean_se([0.1, 0.3]) == (pytest.approx(0.2), pytest.approx(0.1), 2)

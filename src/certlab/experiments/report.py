@@ -34,7 +34,7 @@ AXIS_LABELS = {"k": "k (number of segments)", "eps": "ε", "data.margin": "margi
                "kappa_start": "κ", "seed": "seed"}
 MAIN_METRICS = (("clean_error", "standard error"), ("robust_error", "robust error"),
                 ("certified_error.train", "certified error"), ("unstable_relus", "unstable ReLUs"))
-_DIAG = re.compile(r"(tightness|continuity|sensitivity)", re.I)
+_DIAG = re.compile(r"^diag\.own\.")  # relaxation diagnostics of the training relaxation (run_cell_diagnostics)
 
 
 # ---- grouping ---------------------------------------------------------------------------------------------
@@ -293,6 +293,23 @@ def trend_sentence(rows, what, x) -> str:
     return f"{what} gap (certified − AT): " + "; ".join(parts) + "." if parts else ""
 
 
+def identical_note(agg, panel, x) -> str:
+    """A warning when every method's metrics are identical at every value of x (the axis had no effect)."""
+    if not x:
+        return ""
+    keys = ("clean_error", "robust_error", "certified_error.train", "unstable_relus")
+    by_m = {}
+    for (p, mth, xv), v in agg.items():
+        if p == panel:
+            by_m.setdefault(mth, {})[xv] = tuple(v.get(k, (None,))[0] for k in keys)
+    multi = [vals for vals in by_m.values() if len(vals) > 1]
+    if multi and all(len(set(vals.values())) == 1 for vals in multi):
+        return (f"Note: for every method the metrics are identical at all values of {AXIS_LABELS.get(x, x)}: this "
+                f"axis had no effect on training or evaluation (the cells differ only in the config value), so no "
+                f"trend in {x} can be read from these cells.")
+    return ""
+
+
 # ---- document blocks --------------------------------------------------------------------------------------
 class Doc:
     def __init__(self):
@@ -408,6 +425,9 @@ def _experiment_section(doc, exp, cells_all, fig_dir, rel):
                     s = trend_sentence(rows_g, what, AXIS_LABELS.get(x, x))
                     if s:
                         doc.p(s)
+        note = identical_note(agg, panel, x)
+        if note:
+            doc.p(note)
         _relaxation_table(doc, agg, panel, xs, x)
         fname = f"{slug}-tradeoff.png"
         if figure_tradeoff(agg, panel, os.path.join(fig_dir, fname), f"{name} {pname}: clean accuracy vs ACR"):
@@ -431,7 +451,7 @@ def _relaxation_table(doc, agg, panel, xs, x):
         doc.p("Per-relaxation table" + (f" at {AXIS_LABELS.get(x, x)} = {xv}" if x else "") +
               " (certified error by each evaluation method, %).")
         header = ["relaxation", "standard err %", "robust err %", "cert. err (own relax.) %"] + \
-                 [f"cert. {RELAX_NAMES.get(m, m)} %" for m in cert_methods] + diag
+                 [f"cert. {RELAX_NAMES.get(m, m)} %" for m in cert_methods] + [d[len("diag.own."):] for d in diag]
         rows = []
         for mth in relaxed:
             v = agg.get((panel, mth, xv))
