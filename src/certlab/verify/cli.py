@@ -130,7 +130,7 @@ def certify_cmd(args) -> int:
     setting = {"method": method, "norm": norm, "eps": eps}
     done = read_results(out, setting)
     todo = [i for i in range(n) if i not in done]
-    chunk = 1 if method in COMPLETE else args.batch
+    chunk = {"milp": 1, "lp": 1, "bab": min(args.batch, 32)}.get(method, args.batch)
     kw = {"max_nodes": args.max_nodes} if method == "bab" else {}
     bar = _progress(len(todo), f"certify {method}", not args.no_progress)
     try:

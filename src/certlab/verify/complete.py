@@ -15,7 +15,7 @@ import torch
 
 from certlab.bounds.api import METHODS, certify, resolve_method
 from certlab.errors import InputError
-from certlab.verify.result import Result, check_counterexample
+from certlab.verify.result import Result, check_counterexample, subset
 
 COMPLETE = ("bab", "milp", "lp")
 
@@ -48,8 +48,6 @@ def verify_any(model, x, y, threat, method: str = "crown", timeout: float = 30.0
     if method in COMPLETE:
         return verify_complete(model, x, y, threat, method, timeout, **kw)
     name = resolve_method(method)
-    from certlab.attacks import robust_error
-
     t0 = time.perf_counter()
     with torch.no_grad():
         cert = certify(model, x, y, threat, name, **kw)
@@ -58,16 +56,7 @@ def verify_any(model, x, y, threat, method: str = "crown", timeout: float = 30.0
     todo = (~cert).nonzero().flatten()
     found = {}
     if todo.numel() and attacks:
-        from certlab.train.threats import batch_threat
-
-        sub = batch_threat(threat, x[todo], todo)
-        err, adv = robust_error(model, x[todo], y[todo], sub, attacks=attacks, return_adv=True)
-        for n, i in enumerate(todo.tolist()):
-            if err[n]:
-                z = check_counterexample(model, x[i:i + 1], y[i:i + 1], batch_threat(threat, x[i:i + 1],
-                                         torch.tensor([i])), 0, adv[n])
-                if z is not None:
-                    found[i] = z
+        found = attack_subset(model, x, y, threat, todo, attacks)
     t2 = time.perf_counter()
     B = max(x.shape[0], 1)
     for i in range(x.shape[0]):
@@ -81,3 +70,20 @@ def verify_any(model, x, y, threat, method: str = "crown", timeout: float = 30.0
 
 
 ALL_METHODS = COMPLETE + METHODS
+
+
+def attack_subset(model, x, y, threat, idx, attacks=("apgd-ce", "apgd-t")) -> dict:
+    """{i: checked counterexample} for the samples i in ``idx`` that an attack of ``attacks`` fools."""
+    from certlab.attacks import robust_error
+
+    found = {}
+    if idx.numel() == 0:
+        return found
+    err, adv = robust_error(model, x[idx], y[idx], subset(threat, x, idx), attacks=attacks, return_adv=True)
+    for n, i in enumerate(idx.tolist()):
+        if err[n]:
+            one = torch.tensor([i], device=x.device)
+            z = check_counterexample(model, x[one], y[one], subset(threat, x, one), 0, adv[n])
+            if z is not None:
+                found[i] = z
+    return found
