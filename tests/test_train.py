@@ -69,7 +69,8 @@ def test_config_rejects_unknown_keys_and_bad_values():
     for bad, msg in [({"eps": -0.1}, "eps must be >= 0"), ({"objective": "magic"}, "unknown objective"),
                      ({"relaxation": "nope"}, "unknown relaxation"), ({"epochs": 0}, "epochs must be >= 1"),
                      ({"kappa_start": 2.0}, "kappa_start must lie in"), ({"lr_schedule": "step"}, "lr_milestones"),
-                     ({"objective": "pgd", "attack": "fgsm9"}, "unknown attack")]:
+                     ({"objective": "pgd", "attack": "fgsm9"}, "unknown attack"),
+                     ({"attack": "apgd-ce", "attack_step": 0.5}, "attack_step applies to attack 'pgd' only")]:
         with pytest.raises(CertlabError, match=msg):
             TrainConfig.from_dict(bad)
 
@@ -102,6 +103,7 @@ def _ctx(cfg, info, eps):
     ("standard", {}),
     ("pgd", {"attack": "pgd", "attack_steps": 5}),
     ("pgd", {"attack": "apgd-ce", "attack_steps": 5}),
+    ("pgd", {"attack": "pgd", "attack_steps": 1, "attack_step": 1.25}),
     ("trades", {"attack_steps": 3, "trades_beta": 3.0}),
     ("certified", {"relaxation": "ibp"}),
     ("certified", {"relaxation": "crown-ibp", "beta_start": 0.5}),

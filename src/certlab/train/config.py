@@ -60,6 +60,7 @@ class TrainConfig:
     attack: str = "pgd"
     attack_steps: int = 10
     attack_restarts: int = 1
+    attack_step: float | None = None  # pgd step size as a multiple of ε (None: the attack's default 2.5/steps)
     trades_beta: float = 6.0
     # certified-training extras
     fast_ibp_reg: bool = False
@@ -174,6 +175,7 @@ class TrainConfig:
                      "reg_weight"):
             number(name, 0.0)
         number("grad_clip", 0.0, strict=True, optional=True)
+        number("attack_step", 0.0, strict=True, optional=True)
         for name in ("kappa_start", "kappa_end", "beta_start", "beta_end"):
             number(name, 0.0)
             if getattr(self, name) > 1:
@@ -193,6 +195,8 @@ class TrainConfig:
 
             if self.attack not in ATTACKS:
                 raise CertlabError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+        if self.attack_step is not None and self.attack != "pgd":
+            raise CertlabError(f"attack_step applies to attack 'pgd' only, not {self.attack!r}")
         if self.norm == "segments" and self.objective == "trades":
             raise CertlabError("objective 'trades' is not available for norm 'segments'; use pgd or certified")
 

@@ -5,7 +5,8 @@ scheduled ε / κ / β of this step, the threat maker and a per-step seed) and `
 (``correct``; ``certified`` for the certified objectives).
 
 - standard:  CE(f(x), y).
-- pgd (Madry et al.): CE(f(x_adv), y), x_adv from ``certlab.attacks.run`` (``cfg.attack``, ``cfg.attack_steps``).
+- pgd (Madry et al.): CE(f(x_adv), y), x_adv from ``certlab.attacks.run`` (``cfg.attack``, ``cfg.attack_steps``,
+  step ``cfg.attack_step``·ε for "pgd"; 1 step with random start and step 1.25·ε is "fast" FGSM-RS training).
 - trades (Zhang et al. 2019): CE(f(x), y) + β_T · KL(p(x) ‖ p(x_adv)), x_adv maximising the KL by projected steps.
 - certified: κ · CE(f(x), y) + (1 − κ) · CE(z, y) with the worst-case logits z_j = −m_j, z_y = 0 built from the
   margin lower bounds m = ``certlab.margins(model, x, y, threat(ε_t), relaxation)``; plus the Fast-IBP
@@ -67,8 +68,9 @@ def standard(model, x, y, ctx):
 def pgd(model, x, y, ctx):
     cfg = ctx.cfg
     if ctx.eps > 0:
+        opts = {} if cfg.attack_step is None or cfg.norm == "segments" else {"step_size": cfg.attack_step * ctx.eps}
         x_adv = attacks.run(model, x, y, ctx.threat(x), method=cfg.attack, steps=cfg.attack_steps,
-                            restarts=cfg.attack_restarts, seed=ctx.seed)
+                            restarts=cfg.attack_restarts, seed=ctx.seed, **opts)
     else:
         x_adv = x
     logits_adv = model(x_adv)
