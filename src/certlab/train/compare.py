@@ -10,12 +10,12 @@ from certlab.evaluation import format_table
 from certlab.train.config import TrainConfig
 from certlab.train.loop import train
 
-# small, fast recipes (seconds on a laptop CPU)
+# small, fast recipes (about 10-30 s of CPU time per model)
 PRESETS = {
-    "spheres": {"dataset": "spheres", "data": {"d": 10, "n": 1000, "margin": 0.3}, "model": "mlp",
-                "model_params": {"hidden": [100]}, "norm": "l2", "eps": 0.1, "epochs": 10, "batch_size": 64,
-                "lr": 3e-3},
-    "digits": {"dataset": "digits", "model": "mlp", "model_params": {"hidden": [100]}, "norm": "linf", "eps": 0.05,
+    "spheres": {"dataset": "spheres", "data": {"d": 10, "n": 2000, "margin": 0.5}, "model": "mlp",
+                "model_params": {"hidden": [100]}, "norm": "l2", "eps": 0.15, "epochs": 15, "batch_size": 64,
+                "lr": 5e-3},
+    "digits": {"dataset": "digits", "model": "mlp", "model_params": {"hidden": [100]}, "norm": "linf", "eps": 0.1,
                "epochs": 15, "batch_size": 64, "lr": 2e-3},
 }
 RECIPES = {
