@@ -59,8 +59,9 @@ class Domain:
 
 
 class _Search:
-    def __init__(self, model, x, y, threat, batch):
+    def __init__(self, model, x, y, threat, batch, iters=0, lr=0.1):
         self.model, self.x, self.y, self.threat = model, x, y, threat
+        self.iters, self.lr = iters, lr
         self.g = core.build_graph(model, x)
         self.K = core.output_dim(self.g)
         self.relus = self.g.relus
@@ -82,8 +83,12 @@ class _Search:
         self.n_max = max([int(np.prod(n.shape)) for n in self.g.nodes])
 
     # -- bounds ------------------------------------------------------------------------------------------
-    def _record(self, pre, N):
-        """Back-substitution of the margin rows; returns (A at the input, constant, {relu: Λ before relaxing})."""
+    def _record(self, pre, N, alpha=None, beta=None, signs=None):
+        """Back-substitution of the margin rows; returns (A at the input, constant, {relu: Λ before relaxing}).
+
+        ``alpha[i]`` [N, S, *shape]: lower slopes of crossing neurons (α-CROWN); ``beta[i]`` [N, S, *shape] ≥ 0 with
+        ``signs[i]`` (+1: split z ≥ 0, −1: split z ≤ 0, 0: free): the Lagrangian term −β·sign·z of the split
+        constraints (β-CROWN), so min f − Σ β·sign·z over the relaxation bounds f on the subdomain."""
         A = self.A.unsqueeze(0).expand(N, *self.A.shape).reshape(N, self.A.shape[0], *self.g.nodes[self.start].shape)
         total = self.c.unsqueeze(0).expand(N, -1).clone()
         pending, coefs = {self.start: A}, {}
@@ -97,14 +102,60 @@ class _Search:
                 _acc(pending, node.inputs[0], node.op.back(Ai))
             elif node.kind == "relu":
                 coefs[i] = Ai
-                a, s, t, _ = backsub.relu_lines(*pre[i], lower="adaptive")
+                a, s, t, cross = backsub.relu_lines(*pre[i], lower="adaptive")
+                a = a.unsqueeze(1)
+                if alpha is not None and i in alpha:
+                    a = torch.where(cross.unsqueeze(1), alpha[i], a)
                 pos, neg = Ai.clamp(min=0), Ai.clamp(max=0)
                 total = total + (neg * t.unsqueeze(1)).flatten(2).sum(-1)
-                _acc(pending, node.inputs[0], pos * a.unsqueeze(1) + neg * s.unsqueeze(1))
+                Ain = pos * a + neg * s.unsqueeze(1)
+                if beta is not None and i in beta:
+                    Ain = Ain - beta[i] * signs[i].unsqueeze(1)
+                _acc(pending, node.inputs[0], Ain)
             else:
                 _acc(pending, node.inputs[0], Ai)
                 _acc(pending, node.inputs[1], Ai)
         return pending.pop(0), total, coefs
+
+    def _bound(self, pre, split, N, X):
+        """(low [N, S], A0, coefs): CROWN, then ``iters`` Adam steps on α (slopes) and β (split multipliers)."""
+        A0, total, coefs = self._record(pre, N)
+        low = self.threat.concretize(A0, X)[0] + total
+        if self.iters <= 0 or bool((low > TOL).all()):
+            return low, A0, coefs
+        Sr = self.A.shape[0]
+        alpha, beta, signs = {}, {}, {}
+        for pos, r in enumerate(self.relus):
+            if r > self.start:
+                continue
+            shape = self.shapes[pos]
+            a, _, _, _ = backsub.relu_lines(*pre[r], lower="adaptive")
+            alpha[r] = a.unsqueeze(1).expand(N, Sr, *shape).clone().requires_grad_(True)
+            sg = split[pos].to(X.dtype).reshape(N, *shape)
+            if bool((sg != 0).any()):
+                signs[r] = sg
+                beta[r] = torch.zeros(N, Sr, *shape, dtype=X.dtype, device=X.device).requires_grad_(True)
+        params = list(alpha.values()) + list(beta.values())
+        opt = torch.optim.Adam(params, lr=self.lr)
+        best = low.detach()
+        with torch.enable_grad():
+            for _ in range(self.iters):
+                A0, total, coefs = self._record(pre, N, alpha, beta, signs)
+                cur = self.threat.concretize(A0, X)[0] + total
+                best = torch.maximum(best, cur.detach())
+                opt.zero_grad()
+                # only rows not yet proven need to improve
+                (-(cur * (best <= TOL)).sum()).backward()
+                opt.step()
+                with torch.no_grad():
+                    for v in alpha.values():
+                        v.clamp_(0.0, 1.0)
+                    for v in beta.values():
+                        v.clamp_(min=0.0)
+            A0, total, coefs = self._record(pre, N, alpha, beta, signs)
+            cur = self.threat.concretize(A0, X)[0] + total
+        best = torch.maximum(best, cur.detach())
+        return best, A0.detach(), {k: v.detach() for k, v in coefs.items()}
 
     def evaluate(self, lo, hi, split, start_pos):
         """Recompute ReLU bounds after position start_pos, then margins. Returns (lo, hi, low [N,S], A0, coefs)."""
@@ -127,8 +178,7 @@ class _Search:
                 u = torch.where(sp < 0, u.clamp_max(0), u)
             lo[pos], hi[pos] = l, u
             pre[r] = (l.reshape(N, *self.shapes[pos]), u.reshape(N, *self.shapes[pos]))
-        A0, total, coefs = self._record(pre, N)
-        low = self.threat.concretize(A0, X)[0] + total
+        low, A0, coefs = self._bound(pre, split, N, X)
         return lo, hi, low, A0, coefs
 
     def _node_bounds(self, p, cols, pre, X, pos):
@@ -258,7 +308,7 @@ def _stack(domains, attr):
     return [torch.stack([getattr(d, attr)[p] for d in domains]) for p in range(len(getattr(domains[0], attr)))]
 
 
-def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, leaf_milp):
+def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, leaf_milp, iters=0):
     t0 = time.perf_counter()
     deadline = t0 + timeout
     nodes = 0
@@ -279,7 +329,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
             z = None
         if z is not None:
             return done("falsified", z)
-    S = _Search(model, x, y, threat, batch)
+    S = _Search(model, x, y, threat, batch, iters)
     pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")[0]
     lo = [pre0[r][0].reshape(1, -1) for r in S.relus]
     hi = [pre0[r][1].reshape(1, -1) for r in S.relus]
@@ -356,11 +406,12 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
 
 
 def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, batch: int = 64,
-           attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12) -> list:
+           attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12, iters: int = 8) -> list:
     """Branch and bound per sample → list of :class:`Result`. ``timeout`` seconds and ``max_nodes`` evaluated
     subdomains per sample; ``batch`` subdomains bounded together; ``attack``: APGD-CE first; ``pgd_every``: every
     that many rounds, 10 PGD steps from the bound minimisers (0: never); ``leaf_milp``: subdomains with at most that
-    many crossing neurons are finished by an exact MILP (binaries for those neurons only; 0: LP leaves only)."""
+    many crossing neurons are finished by an exact MILP (binaries for those neurons only; 0: LP leaves only);
+    ``iters``: Adam steps on the α slopes and β split multipliers per batch (0: plain CROWN bounds)."""
     core.validate(model, x, threat)
     for name, v in (("timeout", timeout), ("max_nodes", max_nodes), ("batch", batch)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
@@ -392,5 +443,5 @@ def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, 
             if out[b] is None:
                 ts = single_threat(threat, x, b)
                 out[b] = _bab_one(model, x[b:b + 1], y[b:b + 1], ts, float(timeout), int(max_nodes), int(batch),
-                                  False, pgd_every, int(leaf_milp))
+                                  False, pgd_every, int(leaf_milp), int(iters))
     return out
