@@ -275,7 +275,9 @@ def gap_rows(agg, panel, key) -> list:
     return rows
 
 
-def trend_sentence(rows, what, x) -> str:
+def trend_sentence(rows, what, x, tol=0.005) -> str:
+    """One clause per certified method: at how many x it is above AT, the gap at the smallest and largest x and
+    whether it grows (by more than ``tol``, i.e. 0.5 points), shrinks or stays flat."""
     by_m = {}
     for xv, mth, g, _ in rows:
         by_m.setdefault(mth, []).append((xv, g))
@@ -285,11 +287,11 @@ def trend_sentence(rows, what, x) -> str:
         if len(pts) < 2:
             continue
         above = sum(g > 0 for _, g in pts)
-        ups = sum(b[1] > a[1] for a, b in zip(pts, pts[1:]))
-        grows = pts[-1][1] > pts[0][1]
+        ups = sum(b[1] - a[1] > tol / 5 for a, b in zip(pts, pts[1:]))
+        change = pts[-1][1] - pts[0][1]
+        trend = "grows" if change > tol else "shrinks" if change < -tol else "flat"
         parts.append(f"{mth}: above AT at {above}/{len(pts)} values of {x}; gap {pts[0][1] * 100:+.1f} → "
-                     f"{pts[-1][1] * 100:+.1f} points ({'grows' if grows else 'does not grow'}, "
-                     f"{ups}/{len(pts) - 1} steps up)")
+                     f"{pts[-1][1] * 100:+.1f} points ({trend}; {ups}/{len(pts) - 1} steps up)")
     return f"{what} gap (certified − AT): " + "; ".join(parts) + "." if parts else ""
 
 
