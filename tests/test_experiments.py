@@ -188,7 +188,7 @@ def test_sweep_killed_and_resumed_runs_each_cell_once(fake):
     out = fake / "sweep"
     path = fake / "toy.yaml"
     import yaml
-    path.write_text(yaml.safe_dump(spec(log, base={"objective": "pgd", "log": str(log), "sleep": 1.0})))
+    path.write_text(yaml.safe_dump(spec(log, base={"objective": "pgd", "log": str(log), "sleep": 0.7})))
     cmd = [sys.executable, "-m", "certlab.cli", "sweep", str(path), "--out", str(out), "--jobs", "2", "-q"]
     proc = subprocess.Popen(cmd, env=os.environ.copy())
     deadline = time.time() + 150  # generous: the CLI's start (torch import) is slow on a loaded machine
@@ -211,7 +211,7 @@ def test_sweep_killed_and_resumed_runs_each_cell_once(fake):
         before = {c["id"]: c["status"] for c in st.cells("toy")}
     finished_before = {k for k, v in before.items() if v == "finished"}
     assert any(v == "running" for v in before.values())  # killed while cells were running
-    time.sleep(1.2)  # orphaned workers (if any survived) would write now
+    time.sleep(0.8)  # orphaned workers (if any survived) would write now
     assert subprocess.run(cmd, env=os.environ.copy()).returncode == 0
     with store.Store(out, readonly=True) as st:
         cells = st.cells("toy")

@@ -30,7 +30,7 @@ RELAX_NAMES = {"ibp": "IBP", "hbox": "hBox", "deepz": "DeepZ", "fastlin": "Fast-
                "crown-ibp": "CROWN-IBP", "alpha-crown": "α-CROWN"}
 OBJ_NAMES = {"pgd": "AT", "trades": "TRADES", "standard": "standard"}
 METHOD_KEYS = ("objective", "relaxation")
-AXIS_LABELS = {"k": "k (number of segments)", "eps": "ε", "data.margin": "margin γ", "kappa_end": "κ (end)",
+AXIS_LABELS = {"k": "k (number of segments)", "eps": "ε", "data.margin": "margin γ", "kappa_end": "κ",
                "kappa_start": "κ", "seed": "seed"}
 MAIN_METRICS = (("clean_error", "standard error"), ("robust_error", "robust error"),
                 ("certified_error.train", "certified error"), ("unstable_relus", "unstable ReLUs"))
@@ -196,7 +196,7 @@ def figure_tradeoff(agg, panel, path, title):
                 pts.append((acr[0] * 100, (1 - ce[0]) * 100, k[2]))
         if not pts:
             continue
-        pts.sort()
+        pts.sort(key=lambda p: (p[2] is None, p[2] if p[2] is not None else p[0]))  # along the swept value
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mth)
         for p in pts:
             if p[2] is not None:
@@ -416,11 +416,12 @@ def _experiment_section(doc, exp, cells_all, fig_dir, rel):
                                                    fmt(v.get("acr.train")), fmt(v.get("unstable_relus"), False)])
         doc.table(header, rows)
         slug = _slug(f"{name}-{pname}")
+        full = f"{name} {pname}".strip()
         if x and len(xs) > 1:
             fname = f"{slug}-vs-{_slug(x)}.png"
             figure_vs_x(agg, panel, x, MAIN_METRICS, os.path.join(fig_dir, fname),
-                        f"{name} {pname}: error vs {AXIS_LABELS.get(x, x)}")
-            doc.img(f"{rel}/{fname}", f"error vs {AXIS_LABELS.get(x, x)} ({name} {pname}); mean ± s.e. over seeds")
+                        f"{full}: error vs {AXIS_LABELS.get(x, x)}")
+            doc.img(f"{rel}/{fname}", f"error vs {AXIS_LABELS.get(x, x)} ({full}); mean ± s.e. over seeds")
             for key, what in (("clean_error", "Standard-error"), ("robust_error", "Robust-error")):
                 rows_g = gap_rows(agg, panel, key)
                 if rows_g:
@@ -432,13 +433,13 @@ def _experiment_section(doc, exp, cells_all, fig_dir, rel):
             doc.p(note)
         _relaxation_table(doc, agg, panel, xs, x)
         fname = f"{slug}-tradeoff.png"
-        if figure_tradeoff(agg, panel, os.path.join(fig_dir, fname), f"{name} {pname}: clean accuracy vs ACR"):
-            doc.img(f"{rel}/{fname}", f"trade-off: clean accuracy vs ACR ({name} {pname}); labels = "
+        if figure_tradeoff(agg, panel, os.path.join(fig_dir, fname), f"{full}: clean accuracy vs ACR"):
+            doc.img(f"{rel}/{fname}", f"trade-off: clean accuracy vs ACR ({full}); labels = "
                                       f"{AXIS_LABELS.get(x, x) if x else ''}")
         fname = f"{slug}-unstable.png"
         if figure_unstable(cells, panel, panels, x, os.path.join(fig_dir, fname),
-                           f"{name} {pname}: unstable ReLUs over training"):
-            doc.img(f"{rel}/{fname}", f"unstable ReLUs per sample over training ({name} {pname})")
+                           f"{full}: unstable ReLUs over training"):
+            doc.img(f"{rel}/{fname}", f"unstable ReLUs per sample over training ({full})")
 
 
 def _relaxation_table(doc, agg, panel, xs, x):
