@@ -322,3 +322,17 @@ def test_report_axes_and_identical_axis_note():
     assert report.identical_note(same, (), "k") == ""
     assert report.fmt((0.1234, 0.01, 2)) == "12.3 ± 1.0" and report.fmt((0.5, None, 1)) == "50.0"
     assert report.mean_se([0.1, 0.3]) == (pytest.approx(0.2), pytest.approx(0.1), 2)
+
+
+def test_cell_metric_summaries():
+    from certlab.experiments import cell
+    ev = {"n": 10, "clean_error": 0.1, "robust_error": 0.2, "certified_error": {"ibp": 0.5, "crown": 0.3},
+          "acr": {"ibp": 0.2, "crown": 0.4}, "unstable_relus": 3.0}
+    m = cell.summarize_eval(ev, {"relaxation": "ibp"})
+    assert m["certified_error"] == {"ibp": 0.5, "crown": 0.3, "train": 0.5, "best": 0.3}
+    assert m["acr"]["train"] == 0.2 and m["acr"]["best"] == 0.4
+    flat = store.flatten_metrics(m)
+    assert flat["certified_error.best"] == 0.3 and "acr.crown" in flat and flat["n"] == 10.0
+    rows = [{"relaxation": "ibp", "width": 2.0, "lp_gap": None}, {"relaxation": "crown", "width": 1.0}]
+    d = cell.diagnostics_metrics(rows, "crown")
+    assert d["own"] == {"width": 1.0} and d["ibp"] == {"width": 2.0}
