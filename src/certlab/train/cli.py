@@ -116,7 +116,7 @@ def register(subparsers) -> None:
     e.add_argument("run_dir")
     e.add_argument("--norm", choices=("linf", "l2", "segments"))
     e.add_argument("--eps", type=float)
-    e.add_argument("--certify", type=lambda s: [m for m in s.split(",") if m], help="e.g. ibp,crown")
+    e.add_argument("--certify", type=lambda s: [m for m in s.split(",") if m], help="e.g. ibp,crown ('none' for no certification)")
     e.add_argument("--attack", dest="attacks", type=lambda s: [m for m in s.split(",") if m],
                    help="e.g. apgd-ce,apgd-t ('none' for no attack)")
     e.add_argument("--n", type=int, help="first N test samples only")
@@ -161,7 +161,10 @@ def _evaluate_cmd(args) -> int:
     attacks = args.attacks
     if attacks is not None and [a.lower() for a in attacks] == ["none"]:
         attacks = []
-    res = evaluate_run(args.run_dir, norm=args.norm, eps=args.eps, certify=args.certify, attacks=attacks, n=args.n,
+    certify = args.certify
+    if certify is not None and [m.lower() for m in certify] == ["none"]:
+        certify = []
+    res = evaluate_run(args.run_dir, norm=args.norm, eps=args.eps, certify=certify, attacks=attacks, n=args.n,
                        acr=args.acr, which=args.which, batch_size=args.batch_size, device=args.device,
                        progress=not args.no_progress)
     print(format_table([{"name": args.run_dir, **res}]))
