@@ -99,10 +99,11 @@ def diagnostics_metrics(rows, own: str) -> dict:
     return out
 
 
-def run_cell_diagnostics(config: dict, run_dir: str, n: int = 200) -> dict:
+def run_cell_diagnostics(config: dict, run_dir: str, n: int = 64, lp_samples: int = 2, grid: int = 21) -> dict:
     """:func:`run_cell`, then ``certlab.verify.diagnostics.diagnose`` (tightness, continuity, sensitivity, …)
-    of the trained model under every ``eval_certify`` relaxation on the first ``n`` test points; numeric values
-    go to ``metrics["diag"][relaxation]`` (``"own"`` = the training relaxation)."""
+    of the trained model under every ``eval_certify`` relaxation on the first ``n`` test points (LP gap on
+    ``lp_samples`` of them, continuity on a ``grid``-point scan); numeric values go to
+    ``metrics["diag"][relaxation]`` (``"own"`` = the training relaxation)."""
     result = run_cell(config, run_dir)
     from certlab.train import load_run
     from certlab.train.setup import load_data
@@ -112,7 +113,7 @@ def run_cell_diagnostics(config: dict, run_dir: str, n: int = 200) -> dict:
     _, test, info = load_data(cfg)
     x, y = test.x[:n], test.y[:n]
     relaxations = list(dict.fromkeys([cfg.relaxation, *cfg.eval_certify]))
-    rows = diagnose(model, (x, y), _diag_threat(cfg, info), relaxations)
+    rows = diagnose(model, (x, y), _diag_threat(cfg, info), relaxations, n=n, lp_samples=lp_samples, grid=grid)
     result["metrics"]["diag"] = diagnostics_metrics(rows, cfg.relaxation)
     result["diagnostics"] = rows
     return result

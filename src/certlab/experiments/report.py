@@ -386,7 +386,7 @@ def _experiment_section(doc, exp, cells_all, fig_dir, rel):
         counts[c["status"]] = counts.get(c["status"], 0) + 1
     cpu = sum((c["metrics"].get("time_train_s") or 0) + (c["metrics"].get("time_eval_s") or 0) for c in cells_all)
     doc.p(f"Cells: {len(cells_all)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}); "
-          f"wall time of finished cells {cpu / 60:.1f} min." + (f" Budget: {spec['budget']}." if spec.get("budget")
+          f"summed run time of the finished cells {cpu / 60:.1f} min." + (f" Budget: {spec['budget']}." if spec.get("budget")
                                                                   else ""))
     failed = [c for c in cells_all if c["status"] == "failed"]
     if failed:
