@@ -242,9 +242,16 @@ def test_concurrent_sweep_refused_and_ray_errors(fake):
 def test_ray_launcher_on_local_instance(fake):
     ray = pytest.importorskip("ray", reason="ray is not installed here (optional extra certlab[ray])")
     out = fake / "ray"
-    s = runner.run_sweep(spec(fake / "log"), out, jobs=2, launcher="ray", progress=False)
-    ray.shutdown()
-    assert s["finished"] == 12
+    exp = spec(fake / "log", grid={"objective": ["pgd", "certified"], "k": [1, 2]})
+    try:
+        s = runner.run_sweep(exp, out, jobs=2, launcher="ray", progress=False, threads=1)
+    finally:
+        ray.shutdown()
+    assert s["finished"] == 4 and s["ran_ok"] == 4
+    with store.Store(out, readonly=True) as st:
+        assert all(c["metrics"]["clean_error"] > 0 for c in st.cells("toy"))
+    _, ends = _log_counts(fake / "log")
+    assert set(ends.values()) == {1} and len(ends) == 4
 
 
 # ---- report -----------------------------------------------------------------------------------------------

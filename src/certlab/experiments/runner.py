@@ -277,7 +277,10 @@ def _ray_execute(job):  # runs on a Ray worker: same code path as a local worker
 def _run_ray(ray, address, store, jobs_list, jobs, threads, progress) -> dict:
     """Submit every cell as a Ray task (``num_cpus=threads``), at most ``jobs`` in flight; record results as
     they come. Run folders must be on a file system the Ray workers share with this process."""
-    ray.init(address=address or None, ignore_reinit_error=True, log_to_driver=False)
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    else:  # a local instance on this machine
+        ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     remote = ray.remote(num_cpus=threads, max_retries=0)(_ray_execute)
     queue, inflight, done, failed = list(jobs_list), {}, 0, 0
     try:
