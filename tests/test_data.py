@@ -365,5 +365,11 @@ def test_spheres_radial_directions():
     assert torch.allclose(z.norm(dim=1) - ds.x.norm(dim=1), torch.full((8,), 0.3), atol=1e-5)
     with pytest.raises(InputError, match="pass the batch x"):
         D.signal_directions("spheres")
-    with pytest.raises(InputError, match="k must be 1"):
-        D.signal_directions("spheres", k=2, x=ds.x)
+    # k > 1: the radial direction first, then k - 1 directions orthogonal to it and to each other
+    dk = D.signal_directions("spheres", k=3, seed=1, x=ds.x)
+    assert dk.shape == (8, 3, 5) and torch.allclose(dk[:, 0], d[:, 0], atol=1e-6)
+    assert torch.allclose(dk @ dk.transpose(1, 2), torch.eye(3).expand(8, 3, 3), atol=1e-5)
+    assert torch.equal(dk, D.signal_directions("spheres", k=3, seed=1, x=ds.x))
+    assert not torch.allclose(dk, D.signal_directions("spheres", k=3, seed=2, x=ds.x))
+    with pytest.raises(InputError, match="k=6"):
+        D.signal_directions("spheres", k=6, x=ds.x)

@@ -16,7 +16,7 @@ import torch
 
 from certlab.data import cifar, digits, idx, svhn, synthetic
 from certlab.data.base import ArrayDataset, DatasetInfo, take_first
-from certlab.data.directions import orthonormal, radial
+from certlab.data.directions import orthonormal, radial, radial_plus_orthogonal
 from certlab.data.download import resolve_root
 from certlab.errors import CertlabError, InputError
 
@@ -98,8 +98,8 @@ def load(name: str, split: str = "train", root=None, **params) -> ArrayDataset:
 def signal_directions(name_or_dataset, k: int = 1, seed: int = 0, x: torch.Tensor | None = None) -> torch.Tensor:
     """Directions for ``SegmentUnion(directions, eps)``.
 
-    spheres: the radial direction x/‖x‖ of each sample, ``[B, 1, d]`` (``x`` required, or the dataset's own
-    ``.x`` when a dataset is passed; ``k`` must be 1). Others: ``k`` seeded random orthonormal directions
+    spheres: the radial direction x/‖x‖ of each sample first, then k − 1 seeded directions orthogonal to it,
+    ``[B, k, d]`` (``x`` required, or the dataset's own ``.x`` when a dataset is passed). Others: ``k`` seeded random orthonormal directions
     ``[k, *input_shape]`` (input shape from ``x`` if given, else from the dataset / :func:`info`), on ``x``'s
     device when given."""
     if isinstance(name_or_dataset, ArrayDataset):
@@ -116,9 +116,7 @@ def signal_directions(name_or_dataset, k: int = 1, seed: int = 0, x: torch.Tenso
     if key == "spheres":
         if x is None:
             raise InputError("spheres: signal directions are radial, pass the batch x")
-        if k != 1:
-            raise InputError(f"spheres: a point has one radial signal direction, k must be 1 (got {k})")
-        return radial(x)
+        return radial_plus_orthogonal(x, k, seed)
     if shape is None:
         raise InputError(f"{key}: pass x (or the dataset) so the input dimension is known")
     if x is None or not x.is_floating_point():

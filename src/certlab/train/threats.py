@@ -22,7 +22,7 @@ class ThreatMaker:
 
     def directions(self, x: torch.Tensor) -> torch.Tensor:
         if self.dataset == "spheres":
-            return cdata.signal_directions("spheres", 1, self.seed, x=x)
+            return cdata.signal_directions("spheres", self.k, self.seed, x=x)
         if self._dirs is None or self._dirs.device != x.device:
             self._dirs = cdata.signal_directions(self.dataset, self.k, self.seed, x=x)
         return self._dirs
