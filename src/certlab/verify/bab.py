@@ -359,7 +359,8 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         open_ = ((worst <= TOL) & ~infeasible).nonzero().flatten().tolist()
         n_cross = sum(((l < 0) & (u > 0) & (sp == 0)).sum(1) for l, u, sp in zip(lo, hi, split))
         if open_:
-            choice = S.choose([v[open_] for v in lo], [v[open_] for v in hi], [v[open_] for v in split], {r: c[open_] for r, c in coefs.items()}, w[open_])
+            pick = lambda vs: [v[open_] for v in vs]  # noqa: E731
+            choice = S.choose(pick(lo), pick(hi), pick(split), {r: c[open_] for r, c in coefs.items()}, w[open_])
             for n, i in enumerate(open_):
                 d = Domain(float(worst[i]), [v[i] for v in lo], [v[i] for v in hi], [v[i] for v in split],
                            choice[n], depths[i], int(n_cross[i]))
@@ -406,7 +407,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
 
 
 def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, batch: int = 64,
-           attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12, iters: int = 8) -> list:
+           attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12, iters: int = 20) -> list:
     """Branch and bound per sample → list of :class:`Result`. ``timeout`` seconds and ``max_nodes`` evaluated
     subdomains per sample; ``batch`` subdomains bounded together; ``attack``: APGD-CE first; ``pgd_every``: every
     that many rounds, 10 PGD steps from the bound minimisers (0: never); ``leaf_milp``: subdomains with at most that

@@ -91,6 +91,9 @@ class Problem:
         with _quiet():
             res = _milp(c, integrality=self.integ if integral else None, bounds=_Box(self.lb, self.ub),
                         constraints=cons, options=opts)
+            if res.status == 4:  # HiGHS "solve error" (seen on nearly infeasible subdomains): retry without presolve
+                res = _milp(c, integrality=self.integ if integral else None, bounds=_Box(self.lb, self.ub),
+                            constraints=cons, options={**opts, "presolve": False})
         sign = -1.0 if maximize else 1.0
         v = None if res.x is None else np.asarray(res.x)
         value = None if v is None else sign * float(c @ v) + const
