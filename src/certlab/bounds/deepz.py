@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from certlab.bounds.symbolic import apply_lin, concretize_input, input_block
+from certlab.bounds.symbolic import apply_lin, concretize_input, input_block, walk
 
 
 def _bounds(G, c, E, x, threat):
@@ -24,41 +24,35 @@ def _bounds(G, c, E, x, threat):
 
 def _run(g, x, threat):
     B = x.shape[0]
-    vals = {0: (input_block(x), torch.zeros_like(x), {})}
-    pre = {}
-    for i, node in enumerate(g.nodes):
-        if i == 0:
-            continue
-        if node.kind == "affine":
-            G, c, E = vals[node.inputs[0]]
-            E2 = {k: apply_lin(node.op, v) for k, v in E.items()}
-            vals[i] = (apply_lin(node.op, G), node.op.fwd(c), E2)
-        elif node.kind == "add":
-            (G1, c1, E1), (G2, c2, E2) = vals[node.inputs[0]], vals[node.inputs[1]]
-            E = dict(E1)
-            for k, v in E2.items():
-                E[k] = E[k] + v if k in E else v
-            vals[i] = (G1 + G2, c1 + c2, E)
-        else:
-            G, c, E = vals[node.inputs[0]]
-            l, u = _bounds(G, c, E, x, threat)
-            pre[i] = (l, u)
-            crossing = (l < 0) & (u > 0)
-            active = (l >= 0).to(x.dtype)
-            lam = torch.where(crossing, u / (u - l).clamp_min(1e-12), active)
-            mu = torch.where(crossing, -lam * l / 2, torch.zeros_like(l))
-            G2 = G * lam.unsqueeze(1)
-            E2 = {k: v * lam.unsqueeze(1) for k, v in E.items()}
-            # one new error term per neuron that crosses in some sample of the batch
-            cols = crossing.reshape(B, -1).any(0).nonzero().squeeze(1)
-            if cols.numel():
-                n = crossing[0].numel()
-                new = mu.reshape(B, n)[:, cols]  # [B, m]
-                blk = torch.zeros(B, cols.numel(), n, device=x.device, dtype=x.dtype)
-                blk = blk.scatter(2, cols.view(1, -1, 1).expand(B, -1, 1), new.unsqueeze(-1))
-                E2[i] = blk.reshape(B, cols.numel(), *l.shape[1:])
-            vals[i] = (G2, c * lam + mu, E2)
-    G, c, E = vals[len(g.nodes) - 1]
+
+    def affine(op, v):
+        G, c, E = v
+        return apply_lin(op, G), op.fwd(c), {k: apply_lin(op, e) for k, e in E.items()}
+
+    def add(v1, v2):
+        (G1, c1, E1), (G2, c2, E2) = v1, v2
+        E = dict(E1)
+        for k, e in E2.items():
+            E[k] = E[k] + e if k in E else e
+        return G1 + G2, c1 + c2, E
+
+    def relu(i, v):
+        G, c, E = v
+        l, u = _bounds(G, c, E, x, threat)
+        crossing = (l < 0) & (u > 0)
+        lam = torch.where(crossing, u / (u - l).clamp_min(1e-12), (l >= 0).to(x.dtype))
+        mu = torch.where(crossing, -lam * l / 2, torch.zeros_like(l))
+        E2 = {k: e * lam.unsqueeze(1) for k, e in E.items()}
+        # one new error term per neuron that crosses in some sample of the batch
+        cols = crossing.reshape(B, -1).any(0).nonzero().squeeze(1)
+        if cols.numel():
+            n = crossing[0].numel()
+            blk = torch.zeros(B, cols.numel(), n, device=x.device, dtype=x.dtype)
+            blk = blk.scatter(2, cols.view(1, -1, 1).expand(B, -1, 1), mu.reshape(B, n)[:, cols].unsqueeze(-1))
+            E2[i] = blk.reshape(B, cols.numel(), *l.shape[1:])
+        return (G * lam.unsqueeze(1), c * lam + mu, E2), (l, u)
+
+    pre, (G, c, E) = walk(g, x, (input_block(x), torch.zeros_like(x), {}), affine, add, relu)
     return pre, _bounds(G, c, E, x, threat)
 
 

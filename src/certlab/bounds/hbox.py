@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from certlab.bounds.symbolic import apply_lin, concretize_input, input_block
+from certlab.bounds.symbolic import apply_lin, concretize_input, input_block, walk
 
 
 def _bounds(G, c, r, x, threat):
@@ -18,26 +18,21 @@ def _bounds(G, c, r, x, threat):
 
 
 def _run(g, x, threat):
-    vals = {0: (input_block(x), torch.zeros_like(x), torch.zeros_like(x))}
-    pre = {}
-    for i, node in enumerate(g.nodes):
-        if i == 0:
-            continue
-        if node.kind == "affine":
-            G, c, r = vals[node.inputs[0]]
-            vals[i] = (apply_lin(node.op, G), node.op.fwd(c), node.op.absfwd(r))
-        elif node.kind == "add":
-            (G1, c1, r1), (G2, c2, r2) = vals[node.inputs[0]], vals[node.inputs[1]]
-            vals[i] = (G1 + G2, c1 + c2, r1 + r2)
-        else:
-            G, c, r = vals[node.inputs[0]]
-            l, u = _bounds(G, c, r, x, threat)
-            pre[i] = (l, u)
-            active = (l >= 0).to(x.dtype)
-            crossing = (l < 0) & (u > 0)
-            half = torch.where(crossing, u / 2, torch.zeros_like(u))
-            vals[i] = (G * active.unsqueeze(1), c * active + half, r * active + half)
-    G, c, r = vals[len(g.nodes) - 1]
+    def affine(op, v):
+        G, c, r = v
+        return apply_lin(op, G), op.fwd(c), op.absfwd(r)
+
+    def add(v1, v2):
+        return tuple(a + b for a, b in zip(v1, v2))
+
+    def relu(i, v):
+        G, c, r = v
+        l, u = _bounds(G, c, r, x, threat)
+        active = (l >= 0).to(x.dtype)
+        half = torch.where((l < 0) & (u > 0), u / 2, torch.zeros_like(u))
+        return (G * active.unsqueeze(1), c * active + half, r * active + half), (l, u)
+
+    pre, (G, c, r) = walk(g, x, (input_block(x), torch.zeros_like(x), torch.zeros_like(x)), affine, add, relu)
     return pre, _bounds(G, c, r, x, threat)
 
 

@@ -37,3 +37,21 @@ def concretize_input(G, x, threat):
     A = Gb.reshape(B, n_in, -1).transpose(1, 2).reshape(B, -1, *x.shape[1:])
     lo, hi = threat.concretize(A, x)
     return lo.reshape(B, *shape), hi.reshape(B, *shape)
+
+
+def walk(g, x, init, affine, add, relu):
+    """Forward pass of a symbolic value over the graph: ``init`` at the input, then ``affine(op, v)``,
+    ``add(v1, v2)`` and ``relu(i, v) -> (v', (l, u))`` per node. Returns (pre-activation bounds by ReLU node, value
+    at the output)."""
+    vals = {0: init}
+    pre = {}
+    for i, node in enumerate(g.nodes):
+        if i == 0:
+            continue
+        if node.kind == "affine":
+            vals[i] = affine(node.op, vals[node.inputs[0]])
+        elif node.kind == "add":
+            vals[i] = add(vals[node.inputs[0]], vals[node.inputs[1]])
+        else:
+            vals[i], pre[i] = relu(i, vals[node.inputs[0]])
+    return pre, vals[len(g.nodes) - 1]
