@@ -79,8 +79,8 @@ def _metrics(run):
     return rows
 
 
-ARGS = ["--dataset", "spheres", "--data", "d=10,n=3000,margin=0.5", "--model", "mlp", "--model-params",
-        "hidden=[64,64]", "--objective", "certified", "--relaxation", "crown-ibp", "--norm", "l2", "--eps", "0.1",
+ARGS = ["--dataset", "spheres", "--data", "d=10,n=1200,margin=0.5", "--model", "mlp", "--model-params",
+        "hidden=[32,32]", "--objective", "certified", "--relaxation", "crown-ibp", "--norm", "l2", "--eps", "0.1",
         "--eps-ramp-epochs", "2", "--kappa-start", "1", "--beta-start", "1", "--beta-end", "0", "--epochs", "3",
         "--batch-size", "20", "--lr", "2e-3", "--lr-schedule", "onecycle", "--seed", "3", "--val-n", "100",
         "--no-eval", "--no-progress"]
