@@ -99,14 +99,14 @@ def interval_pass(g, x, threat):
             c, r = val[node.inputs[0]]
             l, u = c - r, c + r
             pre[i] = (l, u)
+            # relu of the interval, back to centre-radius form; the in-place ops act on fresh tensors only
             l, u = l.clamp_min(0), u.clamp_min(0)
-            c, r = (u + l) / 2, (u - l) / 2
+            c, r = torch.add(u, l).mul_(0.5), torch.sub(u, l).mul_(0.5)
         if i in refined:
             l, u = refined[i]
             l, u = torch.max(c - r, l), torch.min(c + r, u)
             c, r = (u + l) / 2, (u - l) / 2
         val[i] = (c, r)
-        # free what no later node reads
     c, r = val[last]
     return pre, (c - r, c + r), exact
 
