@@ -6,7 +6,7 @@ from torch import nn
 import certlab
 
 
-def mlp(seed, widths=(4, 8, 8, 3), bn=False, residual=False, normalize=False, scale=1.0):
+def mlp(seed, widths=(4, 8, 8, 3), bn=False, residual=False, normalize=False, scale=1.0, relu=True):
     g = torch.Generator().manual_seed(seed)
     layers = []
     if normalize:
@@ -19,7 +19,8 @@ def mlp(seed, widths=(4, 8, 8, 3), bn=False, residual=False, normalize=False, sc
             layers.append(nn.Linear(widths[i], widths[i + 1]))
             if bn:
                 layers.append(nn.BatchNorm1d(widths[i + 1]))
-            layers.append(nn.ReLU())
+            if relu:
+                layers.append(nn.ReLU())
     layers.append(nn.Linear(widths[-2], widths[-1]))
     model = nn.Sequential(*layers)
     _randomize(model, g, scale)

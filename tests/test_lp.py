@@ -1,22 +1,14 @@
 """The triangle LP: between the single-neuron relaxations and the exact MILP."""
 
 import torch
-from torch import nn
 
 import certlab
+from nets import mlp
 from certlab.verify import lp, milp
 
 
 def _net(seed, widths=(3, 12, 12, 3)):
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for i in range(len(widths) - 1):
-        lin = nn.Linear(widths[i], widths[i + 1])
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * (2.0 / widths[i]) ** 0.5)
-            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
-        layers += [lin, nn.ReLU()]
-    return nn.Sequential(*layers[:-1]).eval()
+    return mlp(seed, widths)
 
 
 def test_lp_between_relaxations_and_milp():

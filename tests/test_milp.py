@@ -2,23 +2,15 @@
 
 import pytest
 import torch
-from torch import nn
 
 import certlab
+from nets import mlp
 from certlab.errors import InputError
 from certlab.verify import milp
 
 
 def _net(seed, widths=(2, 20, 20, 3)):
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for i in range(len(widths) - 1):
-        lin = nn.Linear(widths[i], widths[i + 1])
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * (2.0 / widths[i]) ** 0.5)
-            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
-        layers += [lin, nn.ReLU()]
-    return nn.Sequential(*layers[:-1]).eval()
+    return mlp(seed, widths)
 
 
 def _check(model, x, y, threat, results):
