@@ -23,7 +23,7 @@ from certlab.attacks.base import eval_mode
 from certlab.bounds import backsub, core
 from certlab.bounds.api import fold_spec
 from certlab.errors import InputError
-from certlab.verify.milp import TOL, _spec, pre_bounds, problem, sample_threat
+from certlab.verify.milp import TOL, pre_bounds, problem, sample_threat, setup
 from certlab.verify.result import Result
 
 
@@ -57,12 +57,8 @@ def refine_pre(g, x, threat, pre, b, deadline=None):
 
 def lp_bounds(model, x, threat, C=None, pre: str = "crown", refine: bool = False, timeout: float = 60.0):
     """(lower [B, S], upper [B, S]) of C·model(x') by the triangle LP (C=None: the logits). Sound bounds."""
-    core.validate(model, x, threat)
     with eval_mode(model), torch.no_grad():
-        g = core.build_graph(model, x)
-        K = core.output_dim(g)
-        Cn = _spec(C, x, K)
-        P = pre_bounds(g, x, threat, pre)
+        g, Cn, P = setup(model, x, threat, C, pre)
         B, S = Cn.shape[:2]
         lower, upper = np.full((B, S), -np.inf), np.full((B, S), np.inf)
         for b in range(B):
@@ -90,11 +86,8 @@ def lp_margins(model, x, y, threat, pre: str = "crown", refine: bool = False, ti
 
 
 def _lower_only(model, x, threat, C, pre, refine, timeout):
-    core.validate(model, x, threat)
     with eval_mode(model), torch.no_grad():
-        g = core.build_graph(model, x)
-        Cn = _spec(C, x, core.output_dim(g))
-        P = pre_bounds(g, x, threat, pre)
+        g, Cn, P = setup(model, x, threat, C, pre)
         B, S = Cn.shape[:2]
         lower = np.full((B, S), -np.inf)
         for b in range(B):

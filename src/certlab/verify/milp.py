@@ -181,6 +181,15 @@ def _spec(C, x, K):
     return C.detach().double().cpu().numpy()
 
 
+def setup(model, x, threat, C, pre):
+    """Validate, build the graph, the spec [B, S, K] (numpy) and the intermediate bounds: what every
+    per-output optimisation (MILP, LP) starts from. Call inside ``eval_mode(model)`` and ``no_grad``."""
+    core.validate(model, x, threat)
+    g = core.build_graph(model, x)
+    Cn = _spec(C, x, core.output_dim(g))
+    return g, Cn, pre_bounds(g, x, threat, pre)
+
+
 def exact_bounds(model, x, threat, C=None, pre: str = "ibp", timeout: float = 120.0):
     """Exact (lower [B, S], upper [B, S]) of C·model(x') over x' in ``threat`` (C=None: the logits, S = K).
 
@@ -189,12 +198,8 @@ def exact_bounds(model, x, threat, C=None, pre: str = "ibp", timeout: float = 12
     ℓ2 balls are handled by tangent cuts until the optimum lies in the ball. Raises CertlabError when a problem
     is not solved to optimality within ``timeout`` seconds (each).
     """
-    core.validate(model, x, threat)
     with eval_mode(model), torch.no_grad():
-        g = core.build_graph(model, x)
-        K = core.output_dim(g)
-        Cn = _spec(C, x, K)
-        P = pre_bounds(g, x, threat, pre)
+        g, Cn, P = setup(model, x, threat, C, pre)
         B, S = Cn.shape[:2]
         lower, upper = np.zeros((B, S)), np.zeros((B, S))
         dense = dense_ops(g)
