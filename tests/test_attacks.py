@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import certlab
 import certlab.attacks as A
 from certlab import L2Ball, LinfBall, SegmentUnion
 from certlab.errors import CertlabError, InputError
@@ -299,3 +300,15 @@ def test_attack_never_beats_sound_lower_bound(kind):
     xa = A.run(model, x, y, threat, method="apgd-ce", steps=30)
     assert (_margin(model, xa, y) >= lb - 1e-5).all()
     assert not (err & (lb > 0)).any()  # no attack succeeds where robustness is certified
+
+
+def test_robust_error_routes_options_to_the_attacks_that_take_them():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)).eval()
+    x = torch.rand(6, 4)
+    y = model(x).argmax(1)
+    th = certlab.LinfBall(0.05)
+    err = certlab.attacks.robust_error(model, x, y, th, attacks=("apgd-ce", "apgd-t"), steps=5, n_targets=2)
+    assert err.shape == (6,)
+    with pytest.raises(certlab.InputError, match="unknown option"):
+        certlab.attacks.robust_error(model, x, y, th, attacks=("apgd-ce",), n_targets=2)

@@ -139,8 +139,8 @@ def attack_success(model, x_adv, y) -> torch.Tensor:
 
 def robust_error(model, x, y, threat, attacks=("apgd-ce", "apgd-t"), return_adv: bool = False, **kw):
     """BoolTensor [B]: True where the sample is misclassified clean or by some attack of ``attacks`` (in order;
-    each later attack only runs on samples still correctly classified). Options ``**kw`` (steps, restarts, seed, …)
-    go to every attack. With ``return_adv`` also returns the points (the successful adversarial point, else x).
+    each later attack only runs on samples still correctly classified). Options ``**kw``: steps, restarts and seed go
+    to every attack, any other option to the attacks that take it (an option none of them takes is an error). With ``return_adv`` also returns the points (the successful adversarial point, else x).
     """
     if isinstance(attacks, str):
         attacks = (attacks,)
@@ -159,11 +159,20 @@ def robust_error(model, x, y, threat, attacks=("apgd-ce", "apgd-t"), return_adv:
         check_logits(z0, y)
         err = misclassified(z0, y)
     x_adv = x.clone()
-    if threat.norm == "segments":  # every method is the same exact line search there
+    segments = threat.norm == "segments"
+    # an option goes to the attacks that take it (e.g. n_targets only to apgd-t); one no attack takes is an error
+    generic = {"steps", "restarts", "seed"}
+    takes = {a: generic | _OPTS[a] | (_SEGMENT_OPTS if segments else set()) for a in attacks}
+    unknown = sorted(set(kw) - set().union(*takes.values()))
+    if unknown:
+        raise InputError(f"unknown option(s) {', '.join(unknown)} for attacks {', '.join(attacks)}")
+    if segments:  # every method is the same exact line search there
         attacks = ("segment",)
+        takes["segment"] = generic | _SEGMENT_OPTS
     for a in attacks:
-        if threat.norm == "segments":
-            xa = run(model, x, y, threat, method=a, **kw)  # per-sample directions cannot be subset generically
+        kw_a = {k: v for k, v in kw.items() if k in takes[a]}
+        if segments:
+            xa = run(model, x, y, threat, method=a, **kw_a)  # per-sample directions cannot be subset generically
             hit = attack_success(model, xa, y) & ~err
             x_adv[hit] = xa[hit]
             err |= hit
@@ -171,7 +180,7 @@ def robust_error(model, x, y, threat, attacks=("apgd-ce", "apgd-t"), return_adv:
         idx = (~err).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        xa = run(model, x[idx], y[idx], subset_threat(threat, x, idx), method=a, **kw)
+        xa = run(model, x[idx], y[idx], subset_threat(threat, x, idx), method=a, **kw_a)
         hit = attack_success(model, xa, y[idx])
         x_adv[idx[hit]] = xa[hit]
         err[idx[hit]] = True
