@@ -27,6 +27,7 @@ import torch
 from certlab import attacks as atk
 from certlab import models
 from certlab.bounds import certify as _certify
+from certlab.bounds.core import relu_bounds
 from certlab.errors import CertlabError
 from certlab.train import checkpoint as ckpt
 from certlab.train import schedules
@@ -66,16 +67,22 @@ def _bar(total, desc, enabled):
 
 @torch.no_grad()
 def _validate(model, cfg, test, maker, device):
-    """(clean error, robust-or-certified error or None) on the first val_n test samples."""
+    """(clean error, robust-or-certified error or None, unstable ReLUs per sample or None) on the first val_n test
+    samples. Unstable ReLUs: crossing neurons of the IBP pre-activation bounds at the evaluation ε (De Bartolomeis
+    et al., Eq. 3), logged every epoch so studies can plot them over training."""
     n = min(cfg.val_n, len(test))
     x, y = test.x[:n].to(device), test.y[:n].to(device)
     model.eval()
     eps = cfg.final_eval_eps
     wrong = torch.zeros(n, dtype=torch.bool, device=device)
     bad = torch.zeros(n, dtype=torch.bool, device=device)
+    unstable = 0.0
     for s in range(0, n, 500):
         xb, yb = x[s:s + 500], y[s:s + 500]
         wrong[s:s + 500] = model(xb).argmax(1) != yb
+        if eps > 0:
+            pre = relu_bounds(model, xb, maker(xb, eps), "ibp")
+            unstable += sum(float(((lo < 0) & (up > 0)).flatten(1).sum(1).float().sum()) for lo, up in pre)
         if cfg.objective in ("certified", "adaptive") and eps > 0:
             method = "crown" if cfg.relaxation == "alpha-crown" else cfg.relaxation
             bad[s:s + 500] = ~_certify(model, xb, yb, maker(xb, eps), method=method)
@@ -83,9 +90,10 @@ def _validate(model, cfg, test, maker, device):
             with torch.enable_grad():
                 bad[s:s + 500] = atk.robust_error(model, xb, yb, maker(xb, eps), attacks=("pgd",), steps=10)
     clean = float(wrong.float().mean())
+    unstable = unstable / n if eps > 0 and n else None
     if cfg.objective == "standard" or eps == 0:
-        return clean, None
-    return clean, float((bad | wrong).float().mean())
+        return clean, None, unstable
+    return clean, float((bad | wrong).float().mean()), unstable
 
 
 def _check_out(out_dir, resume):
@@ -195,13 +203,13 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
         bar.close()
         if sched is not None and not per_batch:
             sched.step()
-        val_clean, val_rob = _validate(model, cfg, test_set, maker, device)
+        val_clean, val_rob, val_unstable = _validate(model, cfg, test_set, maker, device)
         t_end = epoch + 1
         record = {"epoch": epoch + 1, "loss": tot["loss"] / tot["n"], "train_acc": tot["correct"] / tot["n"],
                   "train_cert_acc": tot["certified"] / tot["n"] if has_cert else None,
                   "eps": schedules.eps_at(cfg, t_end - 1e-9), "kappa": schedules.kappa_at(cfg, t_end - 1e-9),
                   "beta": schedules.beta_at(cfg, t_end - 1e-9), "lr": opt.param_groups[0]["lr"],
-                  "val_clean_error": val_clean, "val_robust_error": val_rob,
+                  "val_clean_error": val_clean, "val_robust_error": val_rob, "val_unstable_relus": val_unstable,
                   "time_s": time.perf_counter() - t0}
         history.append(record)
         score = val_rob if val_rob is not None else val_clean
