@@ -108,8 +108,11 @@ class SpecLinearOp(AffineOp):
         zz = z.reshape(B, -1, z.shape[-1])
         return torch.einsum("bsn,bgn->bgs", self.W, zz).reshape(-1, self.W.shape[1])
 
-    def absfwd(self, r):
-        return torch.einsum("bsn,bn->bs", self.W.abs(), r)
+    def absfwd(self, r):  # r: [B or 1, n] (ℓ2 row-norm bounds are shared by the batch)
+        return (self.W.abs() @ r.unsqueeze(-1)).squeeze(-1)
+
+    def sqfwd(self, v):
+        return ((self.W * self.W) @ v.unsqueeze(-1)).squeeze(-1)
 
     def back(self, A):
         return torch.bmm(A, self.W)
