@@ -83,10 +83,11 @@ def test_unsupported_layer_names_path_and_type(model, where, method):
         certlab.bounds(model, torch.rand(2, 4), certlab.LinfBall(0.1), method=method)
 
 
+@pytest.mark.parametrize("train_mode", [True, False])
 @pytest.mark.parametrize("method", certlab.METHODS)
-def test_gradients_reach_every_parameter(method):
+def test_gradients_reach_every_parameter(method, train_mode):
     model = cnn(2, bn=True, residual=True, normalize=True)
-    model.train()
+    model.train(train_mode)
     x = torch.rand(4, 1, 6, 6)
     y = torch.tensor([0, 1, 2, 0])
     m = certlab.margins(model, x, y, certlab.LinfBall(0.03), method=method)
@@ -155,6 +156,24 @@ def test_single_affine_layer_exact_for_every_method(method):
     with torch.no_grad():
         exact_lo = torch.stack([model(torch.where(W[k] > 0, lo, hi))[:, k] for k in range(3)], 1)
     assert torch.allclose(b.lower, exact_lo, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linf", "l2", "segments"])
+@pytest.mark.parametrize("method", certlab.METHODS)
+def test_relu_free_network_margins_sound(kind, method):
+    """The margin spec folded straight into the first layer (no ReLU in between), for every set."""
+    from nets import threat_for
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3))
+    x = torch.rand(4, 5)
+    y = torch.tensor([0, 1, 2, 0])
+    th = threat_for(kind, x, 0.1 if kind == "linf" else 0.4)
+    m = certlab.margins(model, x, y, th, method)
+    pts = torch.cat([th.sample(x, 2000), x.unsqueeze(0)])
+    with torch.no_grad():
+        o = model(pts.reshape(-1, 5)).reshape(-1, 4, 3)
+    true = o.gather(2, y.view(1, 4, 1).expand(o.shape[0], 4, 1)) - o
+    assert (true.min(0).values >= m - 1e-5).all()
 
 
 def test_tighter_methods_are_tighter_on_average():

@@ -186,8 +186,9 @@ def build_graph(model: nn.Module, x: torch.Tensor) -> Graph:
     if full and x.shape[0] < 2 and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training for m in model.modules()):
         raise InputError("BatchNorm in train mode needs a batch of at least 2 samples; call model.eval() first")
     val = x if full else x[:1]
-    with torch.set_grad_enabled(torch.is_grad_enabled() and full):
-        _, out = _Builder(g).walk(model, "", 0, val)
+    # the ops hold parameters (and BatchNorm's folded scale/shift) with the caller's grad mode, so bounds stay
+    # differentiable in every parameter; the one-sample centre forward costs next to nothing
+    _, out = _Builder(g).walk(model, "", 0, val)
     if full:
         g.output_value = out
     if len(g.nodes) == 1:  # an identity model: keep one node so the output is not the input
