@@ -122,7 +122,7 @@ def test_objective_lowers_its_loss(objective, extra):
     first = float(first.detach())
     for _ in range(30):
         loss, st = f(model, x, y, ctx)
-        assert math.isfinite(float(loss)) and 0 <= st["correct"] <= len(y)
+        assert math.isfinite(float(loss.detach())) and 0 <= st["correct"] <= len(y)
         opt.zero_grad()
         loss.backward()
         opt.step()

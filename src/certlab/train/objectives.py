@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import certlab
-from certlab import attacks
+from certlab.attacks.api import run_with_clean_logits
+from certlab.attacks.base import eval_mode
 from certlab.bounds import core
 from certlab.bounds.api import fold_spec
 from certlab.bounds.ibp import interval_pass
@@ -69,16 +70,14 @@ def pgd(model, x, y, ctx):
     cfg = ctx.cfg
     if ctx.eps > 0:
         opts = {} if cfg.attack_step is None or cfg.norm == "segments" else {"step_size": cfg.attack_step * ctx.eps}
-        x_adv = attacks.run(model, x, y, ctx.threat(x), method=cfg.attack, steps=cfg.attack_steps,
-                            restarts=cfg.attack_restarts, seed=ctx.seed, **opts)
+        x_adv, z_clean = run_with_clean_logits(model, x, y, ctx.threat(x), method=cfg.attack, steps=cfg.attack_steps,
+                                               restarts=cfg.attack_restarts, seed=ctx.seed, **opts)
     else:
         x_adv = x
+        with torch.no_grad(), eval_mode(model):
+            z_clean = model(x)
+    correct = _correct(z_clean, y)  # eval-mode clean logits, as the attack saw them
     logits_adv = model(x_adv)
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        correct = _correct(model(x), y)
-        model.train(was)
     return F.cross_entropy(logits_adv, y), {"correct": correct, "robust": _correct(logits_adv, y)}
 
 

@@ -113,7 +113,8 @@ def diagnose(model, dataset, threat, relaxations=("ibp", "hbox", "crown", "deepz
                    "unstable": float(unstable.mean()) if torch.is_tensor(unstable) else 0.0}
             if lp_m is not None:
                 k = lp_m.shape[0]
-                row["lp_gap"] = float((lp_m - mg[:k])[off[:k]].mean())
+                solved = off[:k] & torch.isfinite(lp_m)  # an LP that hit its time limit gives −inf: left out
+                row["lp_gap"] = float((lp_m - mg[:k])[solved].mean()) if solved.any() else None
             row["max_slope"], row["jump_ratio"] = continuity(model, x, y, th, m, grid, radius, seed)
             row["sensitivity"] = grad_norm(model, x, y, th, m) / max(ibp_grad, 1e-12)
             rows.append(row)
