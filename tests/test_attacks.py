@@ -312,3 +312,27 @@ def test_robust_error_routes_options_to_the_attacks_that_take_them():
     assert err.shape == (6,)
     with pytest.raises(certlab.InputError, match="unknown option"):
         certlab.attacks.robust_error(model, x, y, th, attacks=("apgd-ce",), n_targets=2)
+
+
+def test_input_gradient_backend_choice_changes_nothing():
+    """The oneDNN on/off timing choice of attacks.base picks between kernels only: same gradient, flag restored."""
+    from certlab.attacks import base
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 4, 2, 1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 7 * 7, 3))
+    x = torch.rand(5, 1, 14, 14)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    before = torch.backends.mkldnn.enabled
+    grads = []
+    for off in (False, True):
+        base._ONEDNN_OFF.clear()
+        base._ONEDNN_OFF[(id(net), tuple(x.shape), x.dtype)] = off
+        _, g, _ = base.loss_and_grad(net, x, lambda z: base.ce_loss(z, y))
+        grads.append(g)
+        assert torch.backends.mkldnn.enabled == before
+    base._ONEDNN_OFF.clear()
+    _, g, _ = base.loss_and_grad(net, x, lambda z: base.ce_loss(z, y))  # timed choice
+    assert torch.backends.mkldnn.enabled == before
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g, grads[0], rtol=1e-5, atol=1e-7)
