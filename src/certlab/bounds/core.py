@@ -173,17 +173,20 @@ class _Builder:
         return self.g.add(Node("affine", (idx,), op, where, tuple(out.shape[1:]))), out
 
 
-def build_graph(model: nn.Module, x: torch.Tensor) -> Graph:
+def build_graph(model: nn.Module, x: torch.Tensor, full: bool = False) -> Graph:
     """The graph of ``model`` for inputs shaped like ``x`` ([B, *input_shape]).
 
-    The centre forward runs on one sample, or on the whole batch when BatchNorm uses batch statistics.
+    The centre forward runs on one sample, or on the whole batch when BatchNorm uses batch statistics or ``full``
+    is asked for; on the whole batch, ``g.output_value`` holds the model's output at x (its logits, computed by
+    the graph's ops, with the caller's grad mode; BatchNorm running statistics are not updated).
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     g = Graph()
     g.add(Node("input", (), None, "<input>", tuple(x.shape[1:])))
-    full = _uses_batch_stats(model)
-    if full and x.shape[0] < 2 and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training for m in model.modules()):
+    batch_stats = _uses_batch_stats(model)
+    full = full or batch_stats
+    if batch_stats and x.shape[0] < 2 and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training for m in model.modules()):
         raise InputError("BatchNorm in train mode needs a batch of at least 2 samples; call model.eval() first")
     val = x if full else x[:1]
     # the ops hold parameters (and BatchNorm's folded scale/shift) with the caller's grad mode, so bounds stay

@@ -100,7 +100,7 @@ def interval_pass(g, x, threat):
             l, u = c - r, c + r
             pre[i] = (l, u)
             # relu of the interval, back to centre-radius form; the in-place ops act on fresh tensors only
-            l, u = l.clamp_min(0), u.clamp_min(0)
+            l, u = torch.relu(l), torch.relu(u)  # relu's backward is one fused kernel; clamp_min's is ge + where
             c, r = torch.add(u, l).mul_(0.5), torch.sub(u, l).mul_(0.5)
         if i in refined:
             l, u = refined[i]

@@ -122,22 +122,34 @@ def _bound_opts(cfg, beta):
     return {"beta": beta} if cfg.relaxation == "crown-ibp" else {}
 
 
-def margins_and_relus(model, x, y, threat, relaxation, need_relus: bool, **opts):
-    """(margin lower bounds [B, K], IBP pre-activation bounds [(l, u)] per ReLU or None).
+def margins_and_relus(model, x, y, threat, relaxation, need_relus: bool, want_logits: bool = False, **opts):
+    """(margin lower bounds [B, K], IBP pre-activation bounds [(l, u)] per ReLU or None, clean logits or None).
 
-    For IBP both come from one interval pass over the graph with the margin specification folded in."""
-    if need_relus and relaxation == "ibp":
+    For IBP all three come from one pass over the graph with the margin specification folded in: the graph's
+    centre forward on the whole batch gives the clean logits (``want_logits``), so certified training needs no
+    separate clean forward pass. Not for models with BatchNorm or active Dropout (see _stochastic_or_stateful;
+    the logits are then None and the caller runs the model)."""
+    if relaxation == "ibp" and (need_relus or want_logits):
         core.validate(model, x, threat)
-        g = core.build_graph(model, x)
+        full = want_logits and not _stochastic_or_stateful(model)
+        g = core.build_graph(model, x, full=full)
         K = core.output_dim(g)
         yy = core.check_labels(y, x.shape[0], K, x.device)
         gs = fold_spec(g, core.margin_spec(yy, K, x.dtype))
         pre, (low, _), _ = interval_pass(gs, x, threat)
         m = low.masked_fill(F.one_hot(yy, K).bool(), 0.0)
-        return m, [pre[i] for i in gs.relus]
+        return m, ([pre[i] for i in gs.relus] if need_relus else None), (g.output_value if full else None)
     m = certlab.margins(model, x, y, threat, method=relaxation, **opts)
     rel = core.relu_bounds(model, x, threat, "ibp") if need_relus else None
-    return m, rel
+    return m, rel, None
+
+
+def _stochastic_or_stateful(model) -> bool:
+    """BatchNorm (its train-mode forward updates running statistics) or active Dropout (the bound graph treats it
+    as the identity): the clean logits must then come from the model itself."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               or (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0)
+               for m in model.modules())
 
 
 def fast_ibp_regularisers(relus, threat, x):
@@ -191,9 +203,14 @@ def _clean(model, x, y, kappa):
 
 def certified(model, x, y, ctx):
     cfg = ctx.cfg
-    logits, clean = _clean(model, x, y, ctx.kappa)
     threat = ctx.threat(x)
-    m, relus = margins_and_relus(model, x, y, threat, cfg.relaxation, _wants_reg(ctx), **_bound_opts(cfg, ctx.beta))
+    m, relus, logits = margins_and_relus(model, x, y, threat, cfg.relaxation, _wants_reg(ctx), want_logits=True,
+                                         **_bound_opts(cfg, ctx.beta))
+    if logits is None:
+        logits, clean = _clean(model, x, y, ctx.kappa)
+    else:  # the clean logits of the bound pass (no BatchNorm): CE only when it has weight
+        clean = F.cross_entropy(logits, y) if ctx.kappa > 0 else 0.0
+        logits = logits.detach()
     loss = ctx.kappa * clean + (1 - ctx.kappa) * worst_case_ce(m, y)
     reg, rstats = _regularise(model, x, y, ctx, relus, threat)
     return loss + reg, {"correct": _correct(logits, y), "certified": n_certified(m, y), **rstats}
@@ -210,7 +227,7 @@ def adaptive(model, x, y, ctx):
     else:
         radius = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
     threat = ctx.threat(x, radius)
-    m, relus = margins_and_relus(model, x, y, threat, cfg.relaxation, _wants_reg(ctx), **_bound_opts(cfg, ctx.beta))
+    m, relus, _ = margins_and_relus(model, x, y, threat, cfg.relaxation, _wants_reg(ctx), **_bound_opts(cfg, ctx.beta))
     loss = ctx.kappa * clean + (1 - ctx.kappa) * worst_case_ce(m, y)
     reg, rstats = _regularise(model, x, y, ctx, relus, ctx.threat(x))
     # a sample counts as certified at the scheduled ε when its radius reaches it
