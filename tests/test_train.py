@@ -137,10 +137,10 @@ def test_certified_loss_is_ce_of_worst_case_logits_and_upper_bounds_clean_ce():
     z = -m
     assert torch.all(z.gather(1, y[:, None]) == 0)
     ce = torch.nn.functional.cross_entropy(model(x), y)
-    assert float(worst_case_ce(m, y)) >= float(ce) - 1e-6  # worst case ≥ clean (margins ≤ clean margins)
+    assert float(worst_case_ce(m, y).detach()) >= float(ce.detach()) - 1e-6  # worst case ≥ clean (margins ≤ clean margins)
     cfg = TrainConfig(dataset="linsep", objective="certified", eps=0.0)
     loss0, _ = OBJECTIVES["certified"](model, x, y, _ctx(cfg, info, 0.0))
-    assert float(loss0) == pytest.approx(float(ce), rel=1e-5)  # ε = 0: exactly the clean CE
+    assert float(loss0.detach()) == pytest.approx(float(ce.detach()), rel=1e-5)  # ε = 0: exactly the clean CE
 
 
 def test_certified_objective_with_batchnorm_in_train_mode():
@@ -158,7 +158,7 @@ def test_fast_ibp_regularisers_are_differentiable_and_sane():
     th = L2Ball(0.3, domain=None)
     relus = certlab.bounds.core.relu_bounds(model, x, th, "ibp")
     tight, bal = fast_ibp_regularisers(relus, th, x)
-    assert 0 <= float(tight) <= 1 and 0 <= float(bal) <= 1
+    assert 0 <= float(tight.detach()) <= 1 and 0 <= float(bal.detach()) <= 1
     (tight + bal).backward()
     assert model[0].weight.grad is not None
     # all-dead layer: ReLU balance at its worst (1)
