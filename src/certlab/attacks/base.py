@@ -130,7 +130,8 @@ def neg_margin_loss(z, y):
 LOSSES = {"ce": ce_loss, "dlr": dlr_loss, "margin": neg_margin_loss}
 
 
-# (model id, input shape, dtype) -> run the input-gradient backward with oneDNN off? Decided once per key by timing.
+# (model id, per-sample input shape, dtype) -> run the input-gradient backward with oneDNN off? Timed once per key
+# (on the first batch seen; later batches of other sizes, e.g. the still-robust subsets of restarts, reuse it).
 _ONEDNN_OFF: dict = {}
 
 
@@ -149,10 +150,11 @@ def _input_grad(model, loss, xv):
     """d loss / d xv. On CPU, oneDNN's transposed convolution (the input gradient of a strided convolution with
     few input channels, e.g. the first layer of an MNIST network) is several times slower than PyTorch's own
     kernel, while it is faster for wide layers; the backward of each (model, input shape) is therefore timed once
-    both ways and the faster kept (a choice between two kernels computing the same sums, like cudnn.benchmark)."""
+    both ways and the faster kept (a choice between two kernels computing the same sums, like cudnn.benchmark).
+    The switch is process-global while the backward runs: do not run attacks in several threads at once."""
     if xv.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return torch.autograd.grad(loss, xv, allow_unused=True)[0]
-    key = (id(model), tuple(xv.shape), xv.dtype)
+    key = (id(model), tuple(xv.shape[1:]), xv.dtype)
     off = _ONEDNN_OFF.get(key)
     if off is None:
         times = {False: float("inf"), True: float("inf")}
