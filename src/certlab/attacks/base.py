@@ -146,7 +146,7 @@ def _onednn(enabled: bool):
         torch.backends.mkldnn.enabled = prev
 
 
-def _input_grad(model, loss, xv):
+def input_grad(model, loss, xv):
     """d loss / d xv. On CPU, oneDNN's transposed convolution (the input gradient of a strided convolution with
     few input channels, e.g. the first layer of an MNIST network) is several times slower than PyTorch's own
     kernel, while it is faster for wide layers; the backward of each (model, input shape) is therefore timed once
@@ -176,7 +176,7 @@ def loss_and_grad(model, x: torch.Tensor, loss_fn):
         xv = x.detach().requires_grad_(True)
         z = model(xv)
         loss = loss_fn(z)
-        g = _input_grad(model, loss.sum(), xv) if loss.requires_grad else None
+        g = input_grad(model, loss.sum(), xv) if loss.requires_grad else None
     if g is None:
         g = torch.zeros_like(x)
     g = torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0)

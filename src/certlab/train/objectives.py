@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import certlab
 from certlab.attacks.api import run_with_clean_logits
-from certlab.attacks.base import eval_mode
+from certlab.attacks.base import eval_mode, input_grad
 from certlab.bounds import core
 from certlab.bounds.api import fold_spec
 from certlab.bounds.ibp import interval_pass
@@ -95,7 +95,7 @@ def _trades_adversary(model, x, threat, steps, seed):
         for _ in range(steps):
             z = z.detach().requires_grad_(True)
             kl = F.kl_div(F.log_softmax(model(z), 1), p_clean, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, z)
+            grad = input_grad(model, kl, z)
             if threat.norm == "linf":
                 z = z.detach() + step * grad.sign()
             else:
