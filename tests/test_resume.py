@@ -143,6 +143,13 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert res["n"] == 40 and res["eps"] == 0.1 and set(res["certified_error"]) == {"ibp", "crown"}
     assert res["clean_error"] <= res["robust_error"] <= min(res["certified_error"].values()) + 1e-9
     assert 0 <= res["acr"]["crown"] <= 1
+    # --output keeps eval.json as it is
+    before = (out / "eval.json").read_text()
+    rc = cli.main(["evaluate", str(out), "--norm", "l2", "--eps", "0.05", "--certify", "ibp", "--attack", "none",
+                   "--n", "20", "--no-progress", "--output", str(tmp_path / "small.json")])
+    assert rc == 0 and (out / "eval.json").read_text() == before
+    small = json.loads((tmp_path / "small.json").read_text())
+    assert small["n"] == 20 and small["eps"] == 0.05 and small["robust_error"] is None
     # bad input: one-line errors, exit code 2
     capsys.readouterr()
     for argv, msg in [(["evaluate", str(tmp_path / "nope")], "run directory not found"),

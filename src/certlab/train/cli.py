@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 
@@ -124,6 +125,7 @@ def register(subparsers) -> None:
     e.add_argument("--which", choices=("best", "last"), default="last")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", choices=("cpu", "cuda"))
+    e.add_argument("--output", "-o", help="where to write the JSON result (default: RUN_DIR/eval.json)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_evaluate_cmd)
 
@@ -166,7 +168,8 @@ def _evaluate_cmd(args) -> int:
         certify = []
     res = evaluate_run(args.run_dir, norm=args.norm, eps=args.eps, certify=certify, attacks=attacks, n=args.n,
                        acr=args.acr, which=args.which, batch_size=args.batch_size, device=args.device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, output=args.output)
     print(format_table([{"name": args.run_dir, **res}]))
-    print(f"wrote {args.run_dir.rstrip('/')}/eval.json ({res['time_s']:.1f}s)", file=sys.stderr)
+    out = args.output or os.path.join(args.run_dir, "eval.json")
+    print(f"wrote {out} ({res['time_s']:.1f}s)", file=sys.stderr)
     return 0

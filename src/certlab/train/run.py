@@ -43,10 +43,11 @@ def load_run(run_dir, which: str = "best", device="cpu"):
 
 
 def evaluate_run(run_dir, norm=None, eps=None, certify=None, attacks=None, n=None, acr=None, which: str = "last",
-                 batch_size: int = 256, device=None, progress: bool = False, write: bool = True) -> dict:
+                 batch_size: int = 256, device=None, progress: bool = False, write: bool = True,
+                 output=None) -> dict:
     """Evaluate the run's model (``which`` checkpoint) on its dataset's test split; defaults from its config.
 
-    Writes ``eval.json`` atomically (unless ``write=False``) and returns its content."""
+    Writes ``output`` (default RUN_DIR/eval.json) atomically unless ``write=False``, and returns its content."""
     from certlab.evaluation import evaluate
 
     p = _ckpt_path(run_dir, which)
@@ -73,5 +74,6 @@ def evaluate_run(run_dir, norm=None, eps=None, certify=None, attacks=None, n=Non
     res.update({"run": os.path.abspath(os.fspath(run_dir)), "checkpoint": which, "epoch": int(state["epoch"]),
                 "norm": norm, "eps": eps, "model": cfg.model, "dataset": cfg.dataset, "objective": cfg.objective})
     if write:
-        atomic_write_text(os.path.join(os.fspath(run_dir), "eval.json"), json.dumps(res, indent=2))
+        out = os.path.join(os.fspath(run_dir), "eval.json") if output is None else os.fspath(output)
+        atomic_write_text(out, json.dumps(res, indent=2))
     return res
