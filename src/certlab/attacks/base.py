@@ -139,7 +139,11 @@ _ONEDNN_OFF: dict = {}
 def _onednn(enabled: bool):
     """Switch oneDNN (MKLDNN) kernels on or off for the block, and nothing else."""
     prev = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
+    try:
+        torch.backends.mkldnn.enabled = enabled
+    except RuntimeError:  # the flags were frozen (torch.backends.disable_global_flags): leave them alone
+        yield
+        return
     try:
         yield
     finally:
