@@ -87,7 +87,9 @@ class Problem:
         bound on the optimum (lower for min, upper for max); status "optimal" | "limit" | "failed"."""
         c = -obj if maximize else obj
         if not integral or not self.integ.any():
-            return self._solve_lp(c, const, maximize, time_limit)
+            r = self._solve_lp(c, const, maximize, time_limit)
+            if r is not None:
+                return r  # else numerical trouble in the interior-point method: the simplex path below retries
         cons = LinearConstraint(self.A, self.lo, self.hi) if self.A.shape[0] else None
         opts = {"time_limit": max(float(time_limit), 0.05), "mip_rel_gap": 1e-9, "disp": False}
         with _quiet():
@@ -112,7 +114,7 @@ class Problem:
     def _solve_lp(self, c, const, maximize, time_limit):
         """The LP relaxation by HiGHS' interior-point method (with crossover): on the dense encodings of MLPs such
         as fc5 (~10⁶ nonzeros) about 10× faster than the dual simplex that milp() runs on a problem without
-        integers (4 s instead of 45–60 s per margin)."""
+        integers (4 s instead of 45–60 s per margin). None on a numerical failure (the caller falls back)."""
         A, lo, hi = self.A.tocsr(), self.lo, self.hi
         eq = np.isfinite(lo) & np.isfinite(hi) & (lo == hi)
         up, down = np.isfinite(hi) & ~eq, np.isfinite(lo) & ~eq
@@ -122,6 +124,8 @@ class Problem:
         with _quiet():
             res = _linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A[eq] if eq.any() else None, b_eq=lo[eq] if eq.any() else None,
                            bounds=np.stack([self.lb, self.ub], 1), method="highs-ipm", options=opts)
+        if res.status == 4:
+            return None
         sign = -1.0 if maximize else 1.0
         ok = res.status == 0 and res.x is not None
         v = np.asarray(res.x) if ok else None
