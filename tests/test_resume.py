@@ -156,7 +156,8 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
                       (["train", "--dataset", "nosuch", "--out", str(tmp_path / "x")], "unknown dataset"),
                       (["train", "--objective", "magic", "--out", str(tmp_path / "y")], "unknown objective"),
                       (["train", "--eps=-1", "--out", str(tmp_path / "z")], "eps must be >= 0"),
-                      (["train", "--model", "nosuch", "--out", str(tmp_path / "w")], "unknown model")]:
+                      (["train", "--model", "nosuch", "--out", str(tmp_path / "w")], "unknown model"),
+                      (["evaluate", str(out), "--output", str(tmp_path / "no" / "x.json")], "does not exist")]:
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err

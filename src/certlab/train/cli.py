@@ -160,6 +160,10 @@ def _evaluate_cmd(args) -> int:
         raise CertlabError(f"--n must be a positive integer, got {args.n}")
     if args.eps is not None and not args.eps >= 0:
         raise CertlabError(f"--eps must be >= 0, got {args.eps}")
+    if args.output is not None:
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(parent):
+            raise CertlabError(f"--output: directory {parent} does not exist")
     attacks = args.attacks
     if attacks is not None and [a.lower() for a in attacks] == ["none"]:
         attacks = []
