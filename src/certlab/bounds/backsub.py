@@ -36,14 +36,21 @@ def relu_lines(l, u, lower="adaptive"):
     return a, s, t, crossing
 
 
-def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const=None):
+def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const=None, upper=False):
     """Lower bound of A·z_start over the set. A: [B, S, *shape(start)]. Returns [B, S].
 
     pre[i] = (l, u) for every ReLU node i before ``start``; ``alpha[i]`` ([B, S, *shape] in [0, 1]) replaces the lower
     slope of crossing neurons of ReLU i when given.
+
+    ``upper=True`` (parallel lines only, no alpha) returns (lower, upper) from one pass: with a = s every ReLU maps
+    Λ ↦ Λs whatever the signs, so the lower and the upper bound share Λ and differ only in the constants
+    (Λ⁻t for the lower, Λ⁺t for the upper) and in the side of the support function taken at the input.
     """
+    if upper and (lower != "parallel" or alpha is not None):
+        raise ValueError("one-pass lower and upper bounds need parallel ReLU lines and no alpha")
     B, S = A.shape[:2]
     total = A.new_zeros(B, S) if const is None else const
+    total_hi = total
     pending = {start: A}
     nodes = g.nodes
     for i in range(start, 0, -1):
@@ -52,12 +59,23 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
             continue
         node = nodes[i]
         if node.kind == "affine":
-            total = total + node.op.bias_back(Ai)
+            bias = node.op.bias_back(Ai)
+            total = total + bias
+            if upper:
+                total_hi = total_hi + bias
             _acc(pending, node.inputs[0], node.op.back(Ai))
         elif node.kind == "relu":
             l, u = pre[i]
             a, s, t, crossing = relu_lines(l, u, lower)
             a, s, t = a.unsqueeze(1), s.unsqueeze(1), t.unsqueeze(1)
+            if upper:  # a = s: Λ ↦ Λs; lower constant Λ⁻t, upper constant Λ⁺t = Λt − Λ⁻t
+                Bn, Sn = Ai.shape[:2]
+                t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1, 1)
+                neg_t = torch.bmm(Ai.clamp(max=0).reshape(Bn, Sn, -1), t_b).squeeze(-1)
+                all_t = torch.bmm(Ai.reshape(Bn, Sn, -1), t_b).squeeze(-1)
+                total, total_hi = total + neg_t, total_hi + (all_t - neg_t)
+                _acc(pending, node.inputs[0], Ai * s)
+                continue
             if alpha is not None and i in alpha:
                 a = torch.where(crossing.unsqueeze(1), alpha[i], a)
             # Λ⁺a + Λ⁻s = Λs + Λ⁺(a − s); the constant Λ⁻t as a batched dot product (no [B, S, n] temporary)
@@ -71,8 +89,8 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
             _acc(pending, node.inputs[0], Ai)
             _acc(pending, node.inputs[1], Ai)
     A0 = pending.pop(0)
-    low, _ = threat.concretize(A0, x)
-    return low + total
+    low, up = threat.concretize(A0, x)
+    return (low + total, up + total_hi) if upper else low + total
 
 
 def _acc(pending, j, A):
@@ -83,6 +101,8 @@ def both_bounds(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
     """(lower, upper) of A·z_start (+const); upper is None when lower_only."""
     if lower_only:
         return lower_bound(g, start, A, pre, x, threat, lower, alpha, const), None
+    if lower == "parallel" and alpha is None:  # one pass gives both sides (see lower_bound)
+        return lower_bound(g, start, A, pre, x, threat, lower, None, const, upper=True)
     S = A.shape[1]
     c2 = None if const is None else torch.cat([const, -const], 1)
     low = lower_bound(g, start, torch.cat([A, -A], 1), pre, x, threat, lower, alpha, c2)
@@ -118,10 +138,13 @@ def intermediate(g, x, threat, lower="adaptive"):
             C, H, W = shape
             chan, rows, cols = idx // (H * W), (idx // W) % H, idx % W
             coef = valid.to(x.dtype)
-            cat = (lambda t: torch.cat([t, t], 1))
-            low = patches.lower_rows(g, p, path, cat(chan), cat(rows), cat(cols), torch.cat([coef, -coef], 1),
-                                     pre, x, threat, lower)
-            lo, hi = low[:, :S], -low[:, S:]
+            if lower == "parallel":  # one pass gives both sides
+                lo, hi = patches.lower_rows(g, p, path, chan, rows, cols, coef, pre, x, threat, lower, upper=True)
+            else:
+                cat = (lambda t: torch.cat([t, t], 1))
+                low = patches.lower_rows(g, p, path, cat(chan), cat(rows), cat(cols), torch.cat([coef, -coef], 1),
+                                         pre, x, threat, lower)
+                lo, hi = low[:, :S], -low[:, S:]
         else:
             A = torch.zeros(B, S, n, device=x.device, dtype=x.dtype)
             A.scatter_(2, idx.unsqueeze(-1), valid.unsqueeze(-1).to(x.dtype))

@@ -63,18 +63,22 @@ class _Geometry:
         return out.transpose(1, 2).reshape(B, S, C, self.ph, self.pw)
 
 
-def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="adaptive"):
+def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="adaptive", upper=False):
     """Lower bounds of coef·z for the neurons z = (chan, rows, cols) of conv node ``start``, by back-substitution in
     patches mode. ``chan``, ``rows``, ``cols``: long [B, S]; ``coef``: [B, S] (±1, or 0 for padding rows);
-    ``pre`` as in :func:`certlab.bounds.backsub.lower_bound`. Returns [B, S]."""
+    ``pre`` as in :func:`certlab.bounds.backsub.lower_bound`. Returns [B, S]; with ``upper=True`` (parallel lines
+    only) (lower, upper) from one pass, as :func:`certlab.bounds.backsub.lower_bound` does."""
     from certlab.bounds.backsub import relu_lines
 
+    if upper and lower != "parallel":
+        raise ValueError("one-pass lower and upper bounds need parallel ReLU lines")
     B, S = chan.shape
     C0 = g.nodes[start].shape[0]
     P = torch.zeros(B, S, C0, 1, 1, device=x.device, dtype=x.dtype)
     P.scatter_(2, chan.view(B, S, 1, 1, 1), coef.view(B, S, 1, 1, 1).to(x.dtype))
     st, pad = (1, 1), (0, 0)
     const = x.new_zeros(B, S)
+    const_hi = const
     for i in path:
         node = g.nodes[i]
         Hc, Wc = node.shape[1:]
@@ -82,6 +86,12 @@ def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="ad
             geo = _Geometry((Hc, Wc), P.shape[3:], st, pad, rows, cols)
             l, u = pre[i]
             a, s, t, _ = relu_lines(l, u, lower)
+            if upper:  # a = s: P ↦ P·s; constants P⁻t (lower) and P⁺t = Pt − P⁻t (upper)
+                tg = geo.gather(t)
+                neg_t = (P.clamp(max=0) * tg).flatten(2).sum(-1)
+                const, const_hi = const + neg_t, const_hi + (P * tg).flatten(2).sum(-1) - neg_t
+                P = P * geo.gather(s)
+                continue
             pos, neg = P.clamp(min=0), P.clamp(max=0)
             const = const + (neg * geo.gather(t)).flatten(2).sum(-1)
             P = pos * geo.gather(a) + neg * geo.gather(s)
@@ -90,12 +100,14 @@ def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="ad
         if isinstance(op, ChannelAffineOp):
             scale = op.s.reshape(-1, 1, 1) if op.s.numel() > 1 else op.s.reshape(1, 1, 1)
             shift = op.t.reshape(-1) if op.t.numel() > 1 else op.t.reshape(1).expand(P.shape[2])
-            const = const + torch.einsum("bschw,c->bs", P, shift)
+            bias = torch.einsum("bschw,c->bs", P, shift)
+            const, const_hi = const + bias, const_hi + bias
             P = P * scale
             continue
         # convolution: bias of the current layer, then the transposed convolution of every patch
         if op.b is not None:
-            const = const + torch.einsum("bschw,c->bs", P, op.b)
+            bias = torch.einsum("bschw,c->bs", P, op.b)
+            const, const_hi = const + bias, const_hi + bias
         Pn = _transpose_conv(P.reshape(B * S, *P.shape[2:]), op, first=(i == start))
         st = (st[0] * op.stride[0], st[1] * op.stride[1])
         pad = (pad[0] * op.stride[0] + op.padding[0], pad[1] * op.stride[1] + op.padding[1])
@@ -105,7 +117,10 @@ def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="ad
         mask = geo.gather(torch.ones(1, 1, Hi, Wi, device=x.device, dtype=x.dtype))  # 0 on padding
         P = P * mask
     geo = _Geometry(tuple(x.shape[2:]), P.shape[3:], st, pad, rows, cols)
-    return const + _concretize_lower(threat, x, P, geo)
+    if upper:
+        lo, hi = _concretize(threat, x, P, geo)
+        return const + lo, const_hi + hi
+    return const + _concretize(threat, x, P, geo, lower_only=True)[0]
 
 
 _MATMUL_LIMIT = 1 << 22  # entries of an explicit patch-to-patch operator worth building
@@ -141,23 +156,29 @@ def _dilate(W, dilation):
     return out
 
 
-def _concretize_lower(threat, x, P, geo):
+def _concretize(threat, x, P, geo, lower_only=False):
+    """(min, max) of P·x' over the set for every patch (max is None when lower_only)."""
     B, S = P.shape[:2]
     Pf = P.reshape(B, S, -1)
     box = None
     if threat.norm == "linf" or (threat.norm == "l2" and threat.domain is not None):
         lo, hi = threat.interval_hull(x)
-        c = geo.gather((lo + hi) / 2).reshape(B, S, -1)
-        r = geo.gather((hi - lo) / 2).reshape(B, S, -1)
-        box = (Pf * c).sum(-1) - (Pf.abs() * r).sum(-1)
+        c = (Pf * geo.gather((lo + hi) / 2).reshape(B, S, -1)).sum(-1)
+        r = (Pf.abs() * geo.gather((hi - lo) / 2).reshape(B, S, -1)).sum(-1)
+        box = (c - r, None if lower_only else c + r)
         if threat.norm == "linf":
             return box
     centre = (Pf * geo.gather(x).reshape(B, S, -1)).sum(-1)
     if threat.norm == "l2":
-        ball = centre - Pf.norm(dim=-1) * threat.eps_vector(x).view(B, 1)
-        return ball if box is None else torch.max(ball, box)
+        rad = Pf.norm(dim=-1) * threat.eps_vector(x).view(B, 1)
+        ball = (centre - rad, None if lower_only else centre + rad)
+        if box is None:
+            return ball
+        return torch.max(ball[0], box[0]), None if lower_only else torch.min(ball[1], box[1])
     d = threat.directions_for(x)  # [B, k, n]
     k = d.shape[1]
     ad = torch.stack([(Pf * geo.gather(d[:, j].reshape(x.shape)).reshape(B, S, -1)).sum(-1) for j in range(k)], -1)
     blo, bhi = threat.beta_range(x)
-    return centre + torch.min(ad * blo.unsqueeze(1), ad * bhi.unsqueeze(1)).min(-1).values
+    ends = (ad * blo.unsqueeze(1), ad * bhi.unsqueeze(1))
+    low = centre + torch.min(*ends).min(-1).values
+    return low, None if lower_only else centre + torch.max(*ends).max(-1).values
