@@ -297,6 +297,25 @@ def test_cli_dry_run_and_report(fake, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2        # CertlabError -> exit code 2
 
 
+def test_cli_only_selects_documents(fake, tmp_path, capsys):
+    from certlab.cli import main
+    import yaml
+    first = spec(fake / "log")
+    second = dict(first, name="other", grid={"x": [1, 2]})
+    second.pop("zip", None)
+    p = tmp_path / "two.yaml"
+    p.write_text(yaml.safe_dump(first) + "---\n" + yaml.safe_dump(second))
+    assert main(["sweep", str(p), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    both = capsys.readouterr().out
+    assert f"experiment {first['name']}: 12 cells" in both and "experiment other: 2 cells" in both
+    assert main(["sweep", str(p), "--out", str(tmp_path / "o"), "--only", "other", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "experiment other: 2 cells" in out and f"experiment {first['name']}" not in out
+    assert main(["sweep", str(p), "--out", str(tmp_path / "o"), "--only", "nope", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "no document named nope" in err and "other" in err
+
+
 # ---- one real cell --------------------------------------------------------------------------------------
 def test_real_cell_spheres(tmp_path):
     pytest.importorskip("certlab.train")

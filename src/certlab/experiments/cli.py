@@ -1,4 +1,4 @@
-"""``certlab sweep FILE --out DIR --jobs N [--launcher local|ray] [--address A] [--dry-run]`` and
+"""``certlab sweep FILE --out DIR --jobs N [--only NAMES] [--launcher local|ray] [--address A] [--dry-run]`` and
 ``certlab report DIR [--out OUT]``."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ def register(subparsers) -> None:
                    help="local worker processes (default) or a Ray cluster (needs the optional 'ray' package)")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. ray://host:10001 or 'auto')")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default cores // jobs)")
+    p.add_argument("--only", default=None, metavar="NAME[,NAME]",
+                   help="run only these documents of a multi-document file (by their 'name:'; default all)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
     p.add_argument("--report", action="store_true", help="write the report when the sweep ends")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
@@ -35,7 +37,7 @@ def register(subparsers) -> None:
 def _sweep(args) -> int:
     from certlab.experiments import grid, runner
 
-    exps = grid.load_all(args.file)
+    exps = _select(grid.load_all(args.file), args.only, args.file)
     out = args.out or os.path.join("results", os.path.splitext(os.path.basename(args.file))[0])
     if args.address and args.launcher != "ray":
         raise CertlabError("--address is only used with --launcher ray")
@@ -55,6 +57,19 @@ def _sweep(args) -> int:
         from certlab.experiments.report import write_report
         print(f"report: {write_report(out)}")
     return 0 if summary["failed"] == 0 else 1
+
+
+def _select(exps, only, path):
+    """The documents of ``path`` named in ``only`` (comma-separated), in file order; all when only is None."""
+    if only is None:
+        return exps
+    wanted = [n.strip() for n in only.split(",") if n.strip()]
+    names = [e.name for e in exps]
+    unknown = [n for n in wanted if n not in names]
+    if unknown or not wanted:
+        raise CertlabError(f"--only {only!r}: {path} has no document named {', '.join(unknown) or '(empty)'}; "
+                           f"its documents are: {', '.join(names)}")
+    return [e for e in exps if e.name in wanted]
 
 
 def _report(args) -> int:
