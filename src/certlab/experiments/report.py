@@ -451,8 +451,6 @@ def _relaxation_table(doc, agg, panel, xs, x):
                            if m.startswith("certified_error.") and m not in ("certified_error.train",
                                                                               "certified_error.best")})
     for xv in xs:
-        doc.p("Per-relaxation table" + (f" at {AXIS_LABELS.get(x, x)} = {xv}" if x else "") +
-              " (certified error by each evaluation method, %).")
         header = ["relaxation", "standard err %", "robust err %", "cert. err (own relax.) %"] + \
                  [f"cert. {RELAX_NAMES.get(m, m)} %" for m in cert_methods] + [d[len("diag.own."):] for d in diag]
         rows = []
@@ -464,6 +462,10 @@ def _relaxation_table(doc, agg, panel, xs, x):
                          fmt(v.get("certified_error.train"))] +
                         [fmt(v.get(f"certified_error.{m}")) for m in cert_methods] +
                         [fmt(v.get(d), False) for d in diag])
+        if not rows:  # no finished certified-training cell at this value yet
+            continue
+        doc.p("Per-relaxation table" + (f" at {AXIS_LABELS.get(x, x)} = {xv}" if x else "") +
+              " (certified error by each evaluation method, %).")
         doc.table(header, rows)
 
 
