@@ -204,3 +204,23 @@ def test_ibp_objective_reuses_the_bound_pass_logits(kappa):
     bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(196, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
                              torch.nn.Linear(8, 4))
     assert margins_and_relus(bn, x, y, certlab.LinfBall(0.05), "ibp", False, want_logits=True)[2] is None
+
+
+def test_segment_directions_signal_vs_random_on_spheres():
+    ds = cdata.load("spheres", "train", d=10, n=64, margin=20.0, seed=0)
+    x = ds.x[:16]
+    signal = ThreatMaker("segments", "spheres", ds.info, k=3, seed=0)
+    rand = ThreatMaker("segments", "spheres", ds.info, k=3, seed=0, dirs="random")
+    ds_sig, ds_rand = signal.directions(x), rand.directions(x)
+    radial = x / x.norm(dim=1, keepdim=True)
+    assert ds_sig.shape == (16, 3, 10) and torch.allclose(ds_sig[:, 0], radial, atol=1e-5)   # per sample, radial first
+    assert ds_rand.shape == (3, 10)                                                           # shared by every sample
+    assert torch.allclose(ds_rand @ ds_rand.T, torch.eye(3), atol=1e-5)
+    assert torch.equal(rand.directions(ds.x[16:32]), ds_rand)                                 # independent of the batch
+    assert not torch.allclose(ds_rand[0].abs(), radial[0].abs(), atol=1e-2)
+    assert torch.equal(ThreatMaker("segments", "spheres", ds.info, k=3, seed=1, dirs="random").directions(x), ds_rand) \
+        is False
+    with pytest.raises(CertlabError, match="segment directions"):
+        ThreatMaker("segments", "spheres", ds.info, k=3, dirs="radial")
+    with pytest.raises(CertlabError, match="segment_dirs"):
+        TrainConfig.from_dict({"segment_dirs": "axes"}).validate()

@@ -21,6 +21,7 @@ OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("none", "step", "multistep", "onecycle")
 EPS_SCHEDULES = ("linear", "smoothed")
 DEVICES = ("cpu", "cuda")
+SEGMENT_DIRS = ("signal", "random")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainConfig:
     norm: str = "linf"
     eps: float = 0.1
     k: int = 1
+    segment_dirs: str = "signal"  # segments: the dataset's signal directions, or k seeded random ones ("random")
     # optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -151,6 +153,7 @@ class TrainConfig:
         choice("lr_schedule", LR_SCHEDULES)
         choice("eps_schedule", EPS_SCHEDULES)
         choice("device", DEVICES)
+        choice("segment_dirs", SEGMENT_DIRS)
         try:
             self.relaxation = resolve_method(self.relaxation)
         except CertlabError:

@@ -152,7 +152,7 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
     cfg.save(path["config"])
     atomic_write_text(path["metrics"], "".join(json.dumps(h) + "\n" for h in history))
 
-    maker = ThreatMaker(cfg.norm, info.name, info, cfg.k, cfg.seed)
+    maker = ThreatMaker(cfg.norm, info.name, info, cfg.k, cfg.seed, cfg.segment_dirs)
     objective = OBJECTIVES[cfg.objective]
     x_all, y_all = train_set.x.to(device), train_set.y.to(device)
 

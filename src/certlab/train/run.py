@@ -68,7 +68,7 @@ def evaluate_run(run_dir, norm=None, eps=None, certify=None, attacks=None, n=Non
     n = cfg.eval_n if n is None else n
     acr = cfg.eval_acr if acr is None else acr
     _, test, info = load_data(cfg)
-    maker = ThreatMaker(norm, info.name, info, cfg.k, cfg.seed)
+    maker = ThreatMaker(norm, info.name, info, cfg.k, cfg.seed, cfg.segment_dirs)
     res = evaluate(model, test, lambda x: maker(x, eps), certify=certify, attacks=attacks, batch_size=batch_size,
                    acr=acr, device=dev, n=n, progress=progress)
     res.update({"run": os.path.abspath(os.fspath(run_dir)), "checkpoint": which, "epoch": int(state["epoch"]),

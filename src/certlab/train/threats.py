@@ -1,5 +1,6 @@
 """The threat set of a run for a batch: ``LinfBall`` / ``L2Ball`` on the dataset's domain, or a ``SegmentUnion`` along
-the dataset's signal directions (radial per sample for ``spheres``, k seeded orthonormal directions otherwise)."""
+the dataset's signal directions (radial per sample for ``spheres``, k seeded orthonormal directions otherwise) or,
+with ``dirs="random"``, along k seeded orthonormal directions shared by every sample (on spheres too)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,21 @@ from certlab.threat import L2Ball, LinfBall, SegmentUnion, ThreatSet
 class ThreatMaker:
     """``maker(x, eps)`` -> the run's threat set around the batch ``x`` with radius ``eps`` (float or [B] tensor)."""
 
-    def __init__(self, norm: str, dataset: str, info, k: int = 1, seed: int = 0):
+    def __init__(self, norm: str, dataset: str, info, k: int = 1, seed: int = 0, dirs: str = "signal"):
         if norm not in ("linf", "l2", "segments"):
             raise CertlabError(f"unknown norm {norm!r}; choose one of linf, l2, segments")
-        self.norm, self.dataset, self.info, self.k, self.seed = norm, dataset, info, k, seed
+        if dirs not in ("signal", "random"):
+            raise CertlabError(f"unknown segment directions {dirs!r}; choose one of signal, random")
+        self.norm, self.dataset, self.info, self.k, self.seed, self.dirs = norm, dataset, info, k, seed, dirs
         self.domain = None if info.domain is None else tuple(info.domain)
         self._dirs = None
 
     def directions(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dataset == "spheres":
+        if self.dataset == "spheres" and self.dirs == "signal":
             return cdata.signal_directions("spheres", self.k, self.seed, x=x)
         if self._dirs is None or self._dirs.device != x.device:
-            self._dirs = cdata.signal_directions(self.dataset, self.k, self.seed, x=x)
+            self._dirs = cdata.orthonormal(tuple(x.shape[1:]), self.k, self.seed, device=x.device, dtype=x.dtype) \
+                if self.dirs == "random" else cdata.signal_directions(self.dataset, self.k, self.seed, x=x)
         return self._dirs
 
     def __call__(self, x: torch.Tensor, eps) -> ThreatSet:

@@ -60,7 +60,7 @@ def load(run_dir, which="best"):
 
     model, cfg = load_run(run_dir, which)
     _, test, info = load_data(cfg)
-    return model, cfg, test, lambda norm: ThreatMaker(norm, info.name, info, cfg.k, cfg.seed)
+    return model, cfg, test, lambda norm: ThreatMaker(norm, info.name, info, cfg.k, cfg.seed, cfg.segment_dirs)
 
 
 def atomic_write(path: str, text: str) -> None:
