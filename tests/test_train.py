@@ -166,7 +166,7 @@ def test_fast_ibp_regularisers_are_differentiable_and_sane():
     with torch.no_grad():
         dead[0].bias.fill_(-100.0)
     relus = certlab.bounds.core.relu_bounds(dead, x, th, "ibp")
-    assert float(fast_ibp_regularisers(relus, th, x)[1]) == pytest.approx(1.0)
+    assert float(fast_ibp_regularisers(relus, th, x)[1].detach()) == pytest.approx(1.0)
     # warm-up training with the regulariser switched on runs and reports the terms
     cfg = TrainConfig(dataset="linsep", objective="certified", eps=0.3, fast_ibp_reg=True, eps_ramp_epochs=10)
     ctx = StepContext(cfg, ThreatMaker("linf", "linsep", info), 0.1, 0.0, 1.0, 1.0, 0)
