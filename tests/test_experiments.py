@@ -285,6 +285,23 @@ def test_report_from_synthetic_database(fake, tmp_path):
     assert "above AT at 3/3 values" in text and "grows" in text
 
 
+def test_unstable_figure_has_one_subplot_per_value_of_its_own_panel(fake, tmp_path):
+    import struct
+    out = tmp_path / "sweep"
+    sp = spec(fake / "log", grid={"objective": ["pgd", "certified"], "seed": [0]},
+              zip=[{"norm": ["linf", "linf", "l2"], "eps": [0.1, 0.2, 0.5]}])
+    runner.run_sweep(sp, out, jobs=1, progress=False)
+    fig_dir = os.path.join(os.path.dirname(report.write_report(out)), "figures")
+    unstable = sorted(f for f in os.listdir(fig_dir) if "unstable" in f)
+    assert any("l2" in f for f in unstable) and any("linf" in f for f in unstable)
+
+    def width(name):
+        with open(os.path.join(fig_dir, name), "rb") as fh:
+            return struct.unpack(">I", fh.read(24)[16:20])[0]
+    w = {("l2" if "l2" in f else "linf"): width(f) for f in unstable}
+    assert w["l2"] < w["linf"]  # l2 has one eps value (one subplot), l_inf two — not the union of both panels
+
+
 def test_cli_dry_run_and_report(fake, tmp_path, capsys):
     from certlab.cli import main
     import yaml

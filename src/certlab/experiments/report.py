@@ -225,7 +225,8 @@ def _unstable_key(history) -> str | None:
 def figure_unstable(cells, panel, panels, x, path, title):
     """Unstable ReLUs per epoch (mean over seeds), one line per method, one subplot per x value."""
     plt = _plt()
-    xs = sorted({c["params"].get(x) for c in cells}) if x else [None]
+    mine = [c for c in cells if tuple((p, c["params"].get(p)) for p in panels) == panel]
+    xs = sorted({c["params"].get(x) for c in mine}) if x else [None]  # this panel's values only
     fig, axes = plt.subplots(1, len(xs), figsize=(3.6 * len(xs), 3.2), squeeze=False)
     drawn = False
     for ax, xv in zip(axes[0], xs):
@@ -249,7 +250,8 @@ def figure_unstable(cells, panel, panels, x, path, title):
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("unstable ReLUs / sample")
     if drawn:
-        axes[0][0].legend(fontsize=7)
+        labelled = [a for a in axes.flat if a.get_legend_handles_labels()[0]]  # a subplot may have no history
+        labelled[0].legend(fontsize=7)
         fig.suptitle(title)
         fig.tight_layout()
         _save(fig, path)
