@@ -8,6 +8,7 @@ import torch
 
 from certlab import data as cdata
 from certlab.errors import CertlabError
+from certlab.train.config import SEGMENT_DIRS
 from certlab.threat import L2Ball, LinfBall, SegmentUnion, ThreatSet
 
 
@@ -17,8 +18,8 @@ class ThreatMaker:
     def __init__(self, norm: str, dataset: str, info, k: int = 1, seed: int = 0, dirs: str = "signal"):
         if norm not in ("linf", "l2", "segments"):
             raise CertlabError(f"unknown norm {norm!r}; choose one of linf, l2, segments")
-        if dirs not in ("signal", "random"):
-            raise CertlabError(f"unknown segment directions {dirs!r}; choose one of signal, random")
+        if dirs not in SEGMENT_DIRS:
+            raise CertlabError(f"unknown segment directions {dirs!r}; choose one of {', '.join(SEGMENT_DIRS)}")
         self.norm, self.dataset, self.info, self.k, self.seed, self.dirs = norm, dataset, info, k, seed, dirs
         self.domain = None if info.domain is None else tuple(info.domain)
         self._dirs = None
