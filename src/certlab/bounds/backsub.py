@@ -68,9 +68,10 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
             l, u = pre[i]
             a, s, t, crossing = relu_lines(l, u, lower)
             a, s, t = a.unsqueeze(1), s.unsqueeze(1), t.unsqueeze(1)
+            # constants as batched dot products with t (no [B, S, n] temporary)
+            Bn, Sn = Ai.shape[:2]
+            t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1, 1)
             if upper:  # a = s: Λ ↦ Λs; lower constant Λ⁻t, upper constant Λ⁺t = Λt − Λ⁻t
-                Bn, Sn = Ai.shape[:2]
-                t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1, 1)
                 neg_t = torch.bmm(Ai.clamp(max=0).reshape(Bn, Sn, -1), t_b).squeeze(-1)
                 all_t = torch.bmm(Ai.reshape(Bn, Sn, -1), t_b).squeeze(-1)
                 total, total_hi = total + neg_t, total_hi + (all_t - neg_t)
@@ -78,11 +79,9 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
                 continue
             if alpha is not None and i in alpha:
                 a = torch.where(crossing.unsqueeze(1), alpha[i], a)
-            # Λ⁺a + Λ⁻s = Λs + Λ⁺(a − s); the constant Λ⁻t as a batched dot product (no [B, S, n] temporary)
+            # Λ⁺a + Λ⁻s = Λs + Λ⁺(a − s); the constant Λ⁻t
             pos = Ai.clamp(min=0)
             neg = Ai - pos
-            Bn, Sn = Ai.shape[:2]
-            t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1, 1)
             total = total + torch.bmm(neg.reshape(Bn, Sn, -1), t_b).squeeze(-1)
             _acc(pending, node.inputs[0], torch.addcmul(Ai * s, pos, a - s))
         else:  # add
