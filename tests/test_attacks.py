@@ -314,25 +314,52 @@ def test_robust_error_routes_options_to_the_attacks_that_take_them():
         certlab.attacks.robust_error(model, x, y, th, attacks=("apgd-ce",), n_targets=2)
 
 
-def test_input_gradient_backend_choice_changes_nothing():
-    """The oneDNN on/off timing choice of attacks.base picks between kernels only: same gradient, flag restored."""
-    from certlab.attacks import base
+def test_input_gradient_kernel_policies_change_nothing_but_the_kernel():
+    """The kernel policies of attacks.kernels pick between CPU kernels only: same gradient, the oneDNN flag as the
+    policy says while each convolution's backward runs, and the flag restored afterwards."""
+    from certlab.attacks import base, kernels
+
+    seen = []
+
+    class Probe(torch.autograd.Function):  # records the flag during the backward of the convolution after it
+        @staticmethod
+        def forward(ctx, t, tag):
+            ctx.tag = tag
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append((ctx.tag, torch.backends.mkldnn.enabled))
+            return g, None
+
+    class ProbedConv(torch.nn.Conv2d):
+        def forward(self, t):
+            return super().forward(Probe.apply(t, self.in_channels))
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 4, 2, 1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 7 * 7, 3))
+    net = torch.nn.Sequential(ProbedConv(1, 4, 4, 2, 1), torch.nn.ReLU(), ProbedConv(4, 6, 3, 1, 1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(6 * 7 * 7, 3))
     x = torch.rand(5, 1, 14, 14)
     y = torch.tensor([0, 1, 2, 0, 1])
     before = torch.backends.mkldnn.enabled
-    grads = []
-    for off in (False, True):
-        base._ONEDNN_OFF.clear()
-        base._ONEDNN_OFF[(id(net), tuple(x.shape[1:]), x.dtype)] = off
-        _, g, _ = base.loss_and_grad(net, x, lambda z: base.ce_loss(z, y))
-        grads.append(g)
-        assert torch.backends.mkldnn.enabled == before
-    base._ONEDNN_OFF.clear()
-    _, g, _ = base.loss_and_grad(net, x, lambda z: base.ce_loss(z, y))  # timed choice
+    key = (id(net), tuple(x.shape[1:]), x.dtype)
+    grads = {}
+    try:
+        for policy in kernels.POLICIES:
+            kernels._CHOICE[key] = policy
+            seen.clear()
+            _, grads[policy], _ = base.loss_and_grad(net, x, lambda z: base.ce_loss(z, y))
+            assert torch.backends.mkldnn.enabled == before
+            if torch.backends.mkldnn.is_available():
+                want = {"on": {4: True, 1: True}, "off": {4: False, 1: False}, "mixed": {4: True, 1: False}}[policy]
+                assert dict(seen) == want, (policy, seen)
+        kernels._CHOICE.pop(key)
+        _, g, _ = base.loss_and_grad(net, x, lambda z: base.ce_loss(z, y))  # timed choice
+        assert kernels._CHOICE[key] in kernels.POLICIES or not torch.backends.mkldnn.is_available()
+    finally:
+        kernels._CHOICE.pop(key, None)
     assert torch.backends.mkldnn.enabled == before
-    assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(g, grads[0], rtol=1e-5, atol=1e-7)
+    assert grads["on"].abs().sum() > 0
+    for policy in ("off", "mixed"):
+        torch.testing.assert_close(grads[policy], grads["on"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g, grads["on"], rtol=1e-5, atol=1e-7)

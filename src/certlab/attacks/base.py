@@ -14,11 +14,11 @@ All losses are per sample (``[B]``) and are *maximised* by the attacks.
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 import torch.nn.functional as F
 
+from certlab.attacks.kernels import input_grad, recording
 from certlab.errors import CertlabError, InputError
 from certlab.threat import ThreatSet
 
@@ -130,55 +130,12 @@ def neg_margin_loss(z, y):
 LOSSES = {"ce": ce_loss, "dlr": dlr_loss, "margin": neg_margin_loss}
 
 
-# (model id, per-sample input shape, dtype) -> run the input-gradient backward with oneDNN off? Timed once per key
-# (on the first batch seen; later batches of other sizes, e.g. the still-robust subsets of restarts, reuse it).
-_ONEDNN_OFF: dict = {}
-
-
-@contextlib.contextmanager
-def _onednn(enabled: bool):
-    """Switch oneDNN (MKLDNN) kernels on or off for the block, and nothing else."""
-    prev = torch.backends.mkldnn.enabled
-    try:
-        torch.backends.mkldnn.enabled = enabled
-    except RuntimeError:  # the flags were frozen (torch.backends.disable_global_flags): leave them alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = prev
-
-
-def input_grad(model, loss, xv):
-    """d loss / d xv. On CPU, oneDNN's transposed convolution (the input gradient of a strided convolution with
-    few input channels, e.g. the first layer of an MNIST network) is several times slower than PyTorch's own
-    kernel, while it is faster for wide layers; the backward of each (model, input shape) is therefore timed once
-    both ways and the faster kept (a choice between two kernels computing the same sums, like cudnn.benchmark).
-    The switch is process-global while the backward runs: do not run attacks in several threads at once."""
-    if xv.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return torch.autograd.grad(loss, xv, allow_unused=True)[0]
-    key = (id(model), tuple(xv.shape[1:]), xv.dtype)
-    off = _ONEDNN_OFF.get(key)
-    if off is None:
-        times = {False: float("inf"), True: float("inf")}
-        for flag in (False, True, False, True):
-            t0 = time.perf_counter()
-            with _onednn(not flag):
-                torch.autograd.grad(loss, xv, retain_graph=True, allow_unused=True)
-            times[flag] = min(times[flag], time.perf_counter() - t0)
-        off = _ONEDNN_OFF[key] = times[True] < times[False]
-    if off:
-        with _onednn(False):
-            return torch.autograd.grad(loss, xv, allow_unused=True)[0]
-    return torch.autograd.grad(loss, xv, allow_unused=True)[0]
-
-
 def loss_and_grad(model, x: torch.Tensor, loss_fn):
     """Per-sample loss ``[B]``, its gradient w.r.t. x, and the logits; gradients reach only the input."""
     with torch.enable_grad():
         xv = x.detach().requires_grad_(True)
-        z = model(xv)
+        with recording(model, xv):
+            z = model(xv)
         loss = loss_fn(z)
         g = input_grad(model, loss.sum(), xv) if loss.requires_grad else None
     if g is None:

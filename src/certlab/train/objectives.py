@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import certlab
 from certlab.attacks.api import run_with_clean_logits
-from certlab.attacks.base import eval_mode, input_grad
+from certlab.attacks.base import eval_mode
+from certlab.attacks.kernels import input_grad, recording
 from certlab.bounds import core
 from certlab.bounds.api import fold_spec
 from certlab.bounds.ibp import interval_pass
@@ -94,7 +95,9 @@ def _trades_adversary(model, x, threat, steps, seed):
         z = threat.project(x + 0.001 * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype), x)
         for _ in range(steps):
             z = z.detach().requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model(z), 1), p_clean, reduction="sum")
+            with recording(model, z):
+                out = model(z)
+            kl = F.kl_div(F.log_softmax(out, 1), p_clean, reduction="sum")
             grad = input_grad(model, kl, z)
             if threat.norm == "linf":
                 z = z.detach() + step * grad.sign()
