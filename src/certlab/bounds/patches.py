@@ -51,16 +51,26 @@ class _Geometry:
         Wp = self.W + pad[1] * 2 + self.pw
         self.WL = (Wp - self.pw) // stride[1] + 1
         self.idx = rows * self.WL + cols  # [B, S] flat positions in the unfold grid
+        self._flat = {}  # L -> the positions as rows of the batch-flattened grid [B·L, ·]
 
     def gather(self, m):
-        """m: [Bm, C, H, W] (Bm = 1 or B) → [B, S, C, ph, pw] values at each patch's entries."""
+        """m: [Bm, C, H, W] (Bm = 1 or B) → [B, S, C, ph, pw] values at each patch's entries.
+
+        The unfolded map is small ([Bm, L, C·ph·pw] for L patch positions); the result is read from it by whole
+        rows (index_select), not element by element, and is contiguous."""
         Bm, C = m.shape[:2]
         u = F.unfold(F.pad(m, self.padding), (self.ph, self.pw), stride=self.st)  # [Bm, C·ph·pw, L]
+        L = u.shape[2]
+        u = u.transpose(1, 2).reshape(Bm * L, -1)  # [Bm·L, C·ph·pw]
         B, S = self.idx.shape
         if Bm == 1:
-            u = u.expand(B, -1, -1)
-        out = u.gather(2, self.idx.unsqueeze(1).expand(-1, u.shape[1], -1))  # [B, C·ph·pw, S]
-        return out.transpose(1, 2).reshape(B, S, C, self.ph, self.pw)
+            rows = self.idx.reshape(-1)
+        else:
+            rows = self._flat.get(L)
+            if rows is None:
+                off = torch.arange(B, device=self.idx.device).view(B, 1) * L
+                rows = self._flat[L] = (self.idx + off).reshape(-1)
+        return u.index_select(0, rows).view(B, S, C, self.ph, self.pw)
 
 
 def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="adaptive", upper=False):
