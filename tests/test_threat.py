@@ -93,3 +93,16 @@ def test_bad_sets():
         certlab.LinfBall(0.1, domain=(1, 0))
     with pytest.raises(InputError, match="do not fit"):
         certlab.SegmentUnion(torch.ones(2, 3), 1.0).directions_for(torch.zeros(2, 4, 4, 4))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("domain", [(0.0, 1.0), None])
+def test_validate_names_a_single_nonfinite_entry_anywhere(bad, domain):
+    """validate reads x once (aminmax): one NaN or ±inf at the first, a middle or the last entry is still caught,
+    with or without a domain."""
+    for ball in (certlab.LinfBall(0.1, domain=domain), certlab.L2Ball(0.1, domain=domain)):
+        for pos in (0, 37, -1):
+            x = torch.rand(3, 1, 5, 5)
+            x.view(-1)[pos] = bad
+            with pytest.raises(certlab.InputError, match="NaN or inf"):
+                ball.validate(x)
