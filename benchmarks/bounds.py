@@ -12,11 +12,17 @@ Models: MLP 784-256-256-10; the small CNN conv(16,4,s2,p1)-conv(32,4,s2,p1)-fc10
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
-import torch
+from certlab import runtime
 
-import certlab
+# the memory settings the certlab command uses (certlab.runtime), applied before torch loads; --no-tune: defaults
+MEMORY = runtime.tune() if "--no-tune" not in sys.argv else {"huge_pages": False, "malloc": False, "reason": "--no-tune"}
+
+import torch  # noqa: E402
+
+import certlab  # noqa: E402
 from certlab.models import build, init_ibp_
 
 MODELS = {
@@ -129,7 +135,9 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-lirpa", action="store_true", help="skip the auto_LiRPA comparison even if importable")
+    ap.add_argument("--no-tune", action="store_true", help="keep the allocator's defaults (see certlab.runtime)")
     args = ap.parse_args()
+    print(f"memory settings (certlab.runtime): {MEMORY}")
     if args.threads:
         torch.set_num_threads(args.threads)
     lirpa = None

@@ -16,7 +16,12 @@ import statistics
 import sys
 import time
 
-import torch
+from certlab import runtime
+
+# the memory settings the certlab command uses (certlab.runtime), applied before torch loads; --no-tune: defaults
+MEMORY = runtime.tune() if "--no-tune" not in sys.argv else {"huge_pages": False, "malloc": False, "reason": "--no-tune"}
+
+import torch  # noqa: E402
 
 from certlab import data as cdata
 from certlab import models
@@ -55,7 +60,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted")
+    ap.add_argument("--no-tune", action="store_true", help="keep the allocator's defaults (see certlab.runtime)")
     args = ap.parse_args(argv)
+    print(f"memory settings (certlab.runtime): {MEMORY}")
     torch.set_num_threads(args.threads)
     x, y, info = load(args.root, args.n)
     configs = {

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from certlab import runtime
+
+    runtime.tune()  # before the sub-commands import torch (certlab.runtime explains; CERTLAB_TUNE_MEMORY=0 skips it)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,7 +1,7 @@
 """Run one cell in its own process: ``python .../certlab/experiments/worker.py JOB.json``.
 
-This file imports only the standard library (started by path, it does not import certlab or torch unless
-the cell function does), so a worker costs a bare interpreter start.
+This file imports only the standard library and ``certlab.runtime`` (which applies the memory settings before the
+cell function imports torch), so a worker costs a bare interpreter start.
 
 The job file holds ``{cell_id, cell_fn: "module:function", config, run_dir, threads}``. The worker calls
 ``function(config, run_dir)`` and writes ``run_dir/cell_result.json`` atomically:
@@ -72,6 +72,9 @@ def execute(job: dict) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     threads = int(job.get("threads") or 0)
     try:
+        from certlab import runtime  # light: certlab imports torch lazily
+
+        runtime.tune()  # memory settings before the cell imports torch (inherited from the sweep as well)
         fn = resolve(job["cell_fn"])
         if threads > 0 and "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)
