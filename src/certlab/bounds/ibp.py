@@ -77,13 +77,17 @@ def prefix_bounds(g, x, threat):
     return out, exact
 
 
-def interval_pass(g, x, threat):
+def interval_pass(g, x, threat, keep_pre=True):
     """Run IBP over graph g. Returns (pre, (lower, upper) at the output, exact prefix nodes) where
-    pre[i] = (l, u) are the bounds of the input of ReLU node i."""
+    pre[i] = (l, u) are the bounds of the input of ReLU node i (an empty dict when ``keep_pre`` is False, which lets
+    the ReLUs work in place).
+
+    Centre and radius from an interval [l, u] are c = lerp(l, u, ½) and r = u − c: two elementwise passes instead
+    of four."""
     lo, hi = threat.interval_hull(x)
     refined, exact = prefix_bounds(g, x, threat)
-    c, r = (hi + lo) / 2, (hi - lo) / 2
-    val = {0: (c, r)}
+    c = torch.lerp(lo, hi, 0.5)
+    val = {0: (c, hi - c)}
     pre = {}
     last = len(g.nodes) - 1
     for i, node in enumerate(g.nodes):
@@ -98,21 +102,25 @@ def interval_pass(g, x, threat):
         else:  # relu
             c, r = val[node.inputs[0]]
             l, u = c - r, c + r
-            pre[i] = (l, u)
-            # relu of the interval, back to centre-radius form; the in-place ops act on fresh tensors only
-            l, u = torch.relu(l), torch.relu(u)  # relu's backward is one fused kernel; clamp_min's is ge + where
-            c, r = torch.add(u, l).mul_(0.5), torch.sub(u, l).mul_(0.5)
+            if keep_pre:
+                pre[i] = (l, u)
+                l, u = torch.relu(l), torch.relu(u)  # relu's backward is one fused kernel; clamp_min's is ge + where
+            else:  # l and u are fresh tensors that nothing else holds
+                l, u = l.relu_(), u.relu_()
+            c = torch.lerp(l, u, 0.5)
+            r = u - c
         if i in refined:
             l, u = refined[i]
             l, u = torch.max(c - r, l), torch.min(c + r, u)
-            c, r = (u + l) / 2, (u - l) / 2
+            c = torch.lerp(l, u, 0.5)
+            r = u - c
         val[i] = (c, r)
     c, r = val[last]
     return pre, (c - r, c + r), exact
 
 
 def compute(g, x, threat, lower_only=False, **_):
-    pre, (l, u), _ = interval_pass(g, x, threat)
+    _, (l, u), _ = interval_pass(g, x, threat, keep_pre=False)
     return l, u
 
 
