@@ -28,6 +28,7 @@ from certlab import models
 from certlab.train import TrainConfig
 from certlab.train.loop import batches
 from certlab.train.objectives import OBJECTIVES, StepContext
+from certlab.train.setup import make_optimizer
 from certlab.train.threats import ThreatMaker
 
 
@@ -77,7 +78,7 @@ def main(argv=None):
     for name, cfg in configs.items():
         torch.manual_seed(0)
         model = models.build("wong-small", (1, 28, 28), 10, normalize=(info.mean, info.std))
-        runs[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3), cfg)
+        runs[name] = (model, make_optimizer(cfg, model.parameters()), cfg)  # what certlab train uses
     times = {k: [] for k in runs}
     for r in range(-args.warmup, args.reps):  # one round = one epoch of each objective, back to back
         for name, (model, opt, cfg) in runs.items():
