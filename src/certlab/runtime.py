@@ -5,9 +5,9 @@ Bound propagation allocates and frees large temporary tensors at every layer (a 
 back to the kernel and the next allocation of the same size page-faults its memory in again, 4 KiB at a time; on a
 virtual machine a page fault is expensive. Two settings remove most of that cost:
 
-- ``THP_MEM_ALLOC_ENABLE=1``: PyTorch's CPU allocator aligns blocks of 2 MiB and more to 2 MiB and asks for
-  transparent huge pages (one fault per 2 MiB instead of per 4 KiB). PyTorch reads the variable once, at its first
-  allocation, so it only takes effect when set **before torch is imported**.
+- ``THP_MEM_ALLOC_ENABLE=1``: PyTorch's CPU allocator page-aligns blocks of 2 MiB and more and asks the kernel
+  for transparent huge pages on them (``madvise``; one fault per 2 MiB instead of per 4 KiB). PyTorch reads the
+  variable once, at its first allocation, so it only takes effect when set **before torch is imported**.
 - glibc ``mallopt``: blocks below ``mmap_threshold`` come from the heap, and up to ``trim_threshold`` bytes of freed
   heap are kept for reuse instead of being returned at once. Takes effect at any time. The cost: the process keeps
   memory it freed (its resident size stays near its peak), like PyTorch's GPU caching allocator.
@@ -63,8 +63,9 @@ def tune(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESH
     elif not sys.platform.startswith("linux"):
         report["reason"] = "not Linux"
     else:
-        if THP_VAR in os.environ:
+        if THP_VAR in os.environ:  # the user's own choice
             report["huge_pages"] = os.environ[THP_VAR].strip() == "1"
+            report["reason"] = "" if report["huge_pages"] else f"{THP_VAR} set to {os.environ[THP_VAR]!r} by the user"
         elif "torch" in sys.modules:
             report["reason"] = "torch was imported first; huge pages need the setting before that"
         else:
