@@ -12,13 +12,11 @@ Models: MLP 784-256-256-10; the small CNN conv(16,4,s2,p1)-conv(32,4,s2,p1)-fc10
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from certlab import runtime
 
-# the memory settings the certlab command uses (certlab.runtime), applied before torch loads; --no-tune: defaults
-MEMORY = runtime.tune() if "--no-tune" not in sys.argv else {"huge_pages": False, "malloc": False, "reason": "--no-tune"}
+MEMORY = runtime.tune_for_script()  # the certlab command's memory settings, before torch loads (--no-tune: defaults)
 
 import torch  # noqa: E402
 

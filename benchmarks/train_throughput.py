@@ -18,8 +18,7 @@ import time
 
 from certlab import runtime
 
-# the memory settings the certlab command uses (certlab.runtime), applied before torch loads; --no-tune: defaults
-MEMORY = runtime.tune() if "--no-tune" not in sys.argv else {"huge_pages": False, "malloc": False, "reason": "--no-tune"}
+MEMORY = runtime.tune_for_script()  # the certlab command's memory settings, before torch loads (--no-tune: defaults)
 
 import torch  # noqa: E402
 

@@ -81,6 +81,10 @@ def test_tune_after_torch_says_huge_pages_are_too_late_and_opt_out_does_nothing(
                 "print(json.dumps(dict(runtime.tune(), env=os.environ.get('THP_MEM_ALLOC_ENABLE'))))",
                 THP_MEM_ALLOC_ENABLE="0")
     assert mine["huge_pages"] is False and mine["env"] == "0"
+    # the benchmark scripts' switch
+    ab = _run("import json, sys\nfrom certlab import runtime\n"
+              "print(json.dumps(dict(runtime.tune_for_script(['x', '--no-tune']), done=runtime._done)))")
+    assert ab == {"huge_pages": False, "malloc": False, "reason": "--no-tune", "done": None}
 
 
 def test_certlab_command_applies_the_settings_before_torch_loads():

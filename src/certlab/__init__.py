@@ -28,7 +28,7 @@ _EXPORTS = {
 }
 _SUBMODULES = ("nn", "bounds", "attacks", "threat", "errors", "verify", "evaluation", "interchange", "data", "models",
                "train", "experiments", "runtime")
-__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+__all__ = sorted(_EXPORTS) + ["nn", "bounds", "attacks"]  # what `from certlab import *` gave before
 
 
 def __getattr__(name):

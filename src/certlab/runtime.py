@@ -78,3 +78,11 @@ def tune(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESH
             report["malloc"] = ok
     _done = report
     return report
+
+
+def tune_for_script(argv=None) -> dict:
+    """:func:`tune` unless the command line asks for the defaults with ``--no-tune`` (the benchmark scripts' A/B
+    switch); call it before importing torch. Returns the report either way."""
+    if "--no-tune" in (sys.argv if argv is None else argv):
+        return {"huge_pages": False, "malloc": False, "reason": "--no-tune"}
+    return tune()
