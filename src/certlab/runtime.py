@@ -50,9 +50,9 @@ def _libc():
 def tune(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> dict:
     """Apply the settings once per process (later calls return the first call's report).
 
-    Returns ``{"huge_pages": bool, "malloc": bool, "reason": str}``: whether torch will use huge-page-aligned blocks
-    (False when torch was imported before this call without the variable, when the user set the variable, or off
-    Linux) and whether ``mallopt`` was applied (False off glibc, or when the user set glibc's own variables, which
+    Returns ``{"huge_pages": bool, "malloc": bool, "reason": str}``: whether torch will ask for huge pages on its large
+    blocks (False when torch was imported before this call without the variable, when the user set the variable to
+    something other than 1, or off Linux) and whether ``mallopt`` was applied (False off glibc, or when the user set glibc's own variables, which
     are left alone)."""
     global _done
     if _done is not None:
