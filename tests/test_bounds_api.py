@@ -219,3 +219,39 @@ def test_patches_mode_equals_dense_back_substitution(kind, monkeypatch):
     monkeypatch.setattr(patches, "chain", lambda g, s: None)
     dense = certlab.bounds(model, x, th, "crown")
     assert torch.allclose(fast.lower, dense.lower, atol=1e-5) and torch.allclose(fast.upper, dense.upper, atol=1e-5)
+
+
+def _relu_first_residual(seed):
+    """ReLUs whose input is also read by a residual shortcut (directly, and through a Flatten — a view), and a ReLU
+    right after a Flatten."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.Flatten(), nn.ReLU(), nn.Linear(3 * 5 * 5, 8),
+        certlab.nn.Residual(nn.Sequential(nn.ReLU(), nn.Linear(8, 8))), nn.ReLU(), nn.Linear(8, 8),
+        certlab.nn.Residual(nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(8, 8)), shortcut=nn.Flatten()),
+        nn.ReLU(), nn.Linear(8, 3),
+    ).eval()
+
+
+@pytest.mark.parametrize("kind", ["linf", "l2", "segments"])
+@pytest.mark.parametrize("which", ["relu-first-residual", "cnn-residual", "mlp-residual"])
+def test_ibp_in_place_pass_equals_recorded_pass(kind, which):
+    """Without gradients the interval pass works in place on tensors nothing else holds; it must give the same
+    bounds as the pass autograd records (which never works in place on shared values), and leave x alone."""
+    from nets import threat_for
+
+    if which == "relu-first-residual":
+        model, x = _relu_first_residual(0), torch.rand(6, 1, 5, 5)
+    elif which == "cnn-residual":
+        model, x = cnn(1, residual=True, normalize=True, pool=True), torch.rand(6, 1, 6, 6)
+    else:
+        model, x = mlp(2, widths=(4, 8, 8, 8, 3), residual=True), torch.rand(6, 4)
+    threat = threat_for(kind, x, 0.3)
+    x0 = x.clone()
+    ref = certlab.bounds(model, x, threat, method="ibp")  # parameters require grad: the recorded pass
+    assert ref.lower.requires_grad
+    with torch.no_grad():
+        got = certlab.bounds(model, x, threat, method="ibp")
+    assert torch.equal(x, x0)
+    torch.testing.assert_close(got.lower, ref.lower.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.upper, ref.upper.detach(), rtol=1e-6, atol=1e-6)

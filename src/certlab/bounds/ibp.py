@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from certlab.bounds.ops import ReshapeOp
+
 
 def prefix_bounds(g, x, threat):
     """({node: (lower, upper)} for refined prefix nodes, set of prefix nodes whose interval bound is exact)."""
@@ -77,15 +79,44 @@ def prefix_bounds(g, x, threat):
     return out, exact
 
 
+def _relu_interval(c, r, own: bool):
+    """(c', r') of the ReLU of [c − r, c + r], on tensors no gradient is recorded for. ``own``: nothing else holds
+    c and r, so r may be overwritten. One new tensor and five in-place passes (in-place passes write to memory that
+    is already mapped and in cache: about 2.5× faster per element here than passes that allocate)."""
+    l = (c - r).relu_()
+    u = (r.add_(c) if own else c + r).relu_()
+    c = l.lerp_(u, 0.5)
+    return c, u.sub_(c)
+
+
+def _owned(g, refined):
+    """Nodes whose (c, r) are fresh tensors read by exactly one other node (so a ReLU may work in place)."""
+    uses = [0] * len(g.nodes)
+    for node in g.nodes:
+        for j in node.inputs:
+            uses[j] += 1
+    fresh = []
+    for i, node in enumerate(g.nodes):
+        if i == 0 or i in refined or node.kind == "add":
+            fresh.append(True)
+        elif node.kind == "affine" and isinstance(node.op, ReshapeOp):  # a view of its input
+            j = node.inputs[0]
+            fresh.append(fresh[j] and uses[j] == 1)
+        else:
+            fresh.append(node.kind == "affine")
+    return {i for i in range(len(g.nodes)) if fresh[i] and uses[i] == 1}
+
+
 def interval_pass(g, x, threat, keep_pre=True):
     """Run IBP over graph g. Returns (pre, (lower, upper) at the output, exact prefix nodes) where
-    pre[i] = (l, u) are the bounds of the input of ReLU node i (an empty dict when ``keep_pre`` is False, which lets
-    the ReLUs work in place).
+    pre[i] = (l, u) are the bounds of the input of ReLU node i (an empty dict when ``keep_pre`` is False).
 
     Centre and radius from an interval [l, u] are c = lerp(l, u, ½) and r = u − c: two elementwise passes instead
-    of four."""
+    of four. Without ``keep_pre`` the ReLUs work in place (on tensors nothing else holds, when no gradient is
+    recorded)."""
     lo, hi = threat.interval_hull(x)
     refined, exact = prefix_bounds(g, x, threat)
+    owned = set() if keep_pre else _owned(g, refined)
     c = torch.lerp(lo, hi, 0.5)
     val = {0: (c, hi - c)}
     pre = {}
@@ -99,16 +130,21 @@ def interval_pass(g, x, threat, keep_pre=True):
         elif node.kind == "add":
             (c1, r1), (c2, r2) = val[node.inputs[0]], val[node.inputs[1]]
             c, r = c1 + c2, r1 + r2
-        else:  # relu
+        elif keep_pre:  # relu
             c, r = val[node.inputs[0]]
             l, u = c - r, c + r
-            if keep_pre:
-                pre[i] = (l, u)
-                l, u = torch.relu(l), torch.relu(u)  # relu's backward is one fused kernel; clamp_min's is ge + where
-            else:  # l and u are fresh tensors that nothing else holds
-                l, u = l.relu_(), u.relu_()
+            pre[i] = (l, u)
+            l, u = torch.relu(l), torch.relu(u)  # relu's backward is one fused kernel; clamp_min's is ge + where
             c = torch.lerp(l, u, 0.5)
             r = u - c
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in val[node.inputs[0]]):
+            c, r = val[node.inputs[0]]
+            l, u = (c - r).relu_(), (c + r).relu_()  # fresh tensors: relu in place is safe for autograd
+            c = torch.lerp(l, u, 0.5)
+            r = u - c
+        else:
+            j = node.inputs[0]
+            c, r = _relu_interval(*val[j], own=j in owned)
         if i in refined:
             l, u = refined[i]
             l, u = torch.max(c - r, l), torch.min(c + r, u)
