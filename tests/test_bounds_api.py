@@ -255,3 +255,28 @@ def test_ibp_in_place_pass_equals_recorded_pass(kind, which):
     assert torch.equal(x, x0)
     torch.testing.assert_close(got.lower, ref.lower.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got.upper, ref.upper.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: (cnn(3, residual=True, normalize=True, pool=True, size=7), (1, 7, 7)),
+    lambda: (nn.Sequential(nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+                           nn.ReLU(), nn.AvgPool2d(3, 2, padding=1), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)), (2, 9, 8)),
+    lambda: (__import__("certlab").models.build("wong-resnet", (3, 16, 16), 10), (3, 16, 16)),
+    lambda: (__import__("certlab").models.build("convplus", (1, 28, 28), 10), (1, 28, 28)),
+])
+def test_graph_shapes_without_a_forward_match_the_model(build):
+    """build_graph infers each node's shape from the layers' arithmetic; it must agree with a real forward pass."""
+    from certlab.bounds import core
+
+    model, shape = build()
+    model.eval()
+    x = torch.rand(2, *shape)
+    shapes = [n.shape for n in core.build_graph(model, x).nodes]
+    assert shapes == [n.shape for n in core.build_graph(model, x, full=True).nodes]
+    assert shapes[-1] == tuple(model(x).shape[1:])
+
+
+def test_pooling_window_larger_than_input_is_a_named_error():
+    model = nn.Sequential(nn.Conv2d(1, 2, 5), nn.Flatten(), nn.Linear(2, 2))
+    with pytest.raises(InputError, match=r"'0' \(Conv2d\).*smaller than its window"):
+        certlab.bounds(model, torch.rand(1, 1, 4, 4), certlab.LinfBall(0.1), method="ibp")

@@ -70,12 +70,24 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-class _Builder:
-    def __init__(self, graph: Graph):
-        self.g = graph
+def _conv_out(where, kind, size, k, stride, pad, dil=(1, 1)):
+    """Spatial output size of a convolution / pooling window (floor mode)."""
+    out = tuple((n + 2 * p - d * (kk - 1) - 1) // s + 1 for n, kk, s, p, d in zip(size, k, stride, pad, dil))
+    if min(out) < 1:
+        raise InputError(f"layer '{where}' ({kind}): input of size {tuple(size)} is smaller than its window")
+    return out
 
-    def walk(self, m: nn.Module, path: str, idx: int, val: torch.Tensor):
-        """Append the nodes of module m applied to node idx (whose centre value is val). Returns (idx, val)."""
+
+class _Builder:
+    """Walks a model, appending its nodes to a graph. ``val`` is the model's value at the input (a tensor), or None
+    when only shapes are tracked (then no forward pass runs: output shapes follow from the layers' arithmetic)."""
+
+    def __init__(self, graph: Graph, like: torch.Tensor):
+        self.g, self.like = graph, like  # like: dtype and device of new constants
+
+    def walk(self, m: nn.Module, path: str, idx: int, val, shape: tuple):
+        """Append the nodes of module m applied to node idx (per-sample shape ``shape``, value ``val`` or None).
+        Returns (idx, val, shape) of the result."""
         where = path or "<model>"
         for base in (nn.Sequential, cnn.Residual, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d,
                      nn.BatchNorm2d, nn.AvgPool2d, nn.Identity, nn.Dropout, cnn.Normalize):
@@ -92,32 +104,32 @@ class _Builder:
         sub = (lambda n: f"{path}.{n}" if path else n)
         if isinstance(m, nn.Sequential):
             for name, child in m.named_children():
-                idx, val = self.walk(child, sub(name), idx, val)
-            return idx, val
+                idx, val, shape = self.walk(child, sub(name), idx, val, shape)
+            return idx, val, shape
         if isinstance(m, cnn.Residual):
-            a, va = self.walk(m.body, sub("body"), idx, val)
-            b, vb = self.walk(m.shortcut, sub("shortcut"), idx, val)
-            if va.shape != vb.shape:
-                raise InputError(f"residual '{where}': body gives {tuple(va.shape[1:])} but shortcut gives {tuple(vb.shape[1:])}")
+            a, va, sa = self.walk(m.body, sub("body"), idx, val, shape)
+            b, vb, sb = self.walk(m.shortcut, sub("shortcut"), idx, val, shape)
+            if sa != sb:
+                raise InputError(f"residual '{where}': body gives {sa} but shortcut gives {sb}")
             if a == idx and b == idx:
-                return self._affine(ChannelAffineOp(val.new_tensor(2.0), val.new_tensor(0.0), val.shape[1:]), where, idx, val)
-            return self.g.add(Node("add", (a, b), None, where, tuple(va.shape[1:]))), va + vb
+                two = ChannelAffineOp(self.like.new_tensor(2.0), self.like.new_tensor(0.0), shape)
+                return self._affine(two, where, idx, val, shape)
+            return self.g.add(Node("add", (a, b), None, where, sa)), (None if val is None else va + vb), sa
         if isinstance(m, (nn.Identity, nn.Dropout)):
-            return idx, val
+            return idx, val, shape
         if isinstance(m, nn.ReLU):
-            return self.g.add(Node("relu", (idx,), None, where, tuple(val.shape[1:]))), torch.relu(val)
-        shape = tuple(val.shape[1:])
+            return self.g.add(Node("relu", (idx,), None, where, shape)), (None if val is None else torch.relu(val)), shape
         if isinstance(m, nn.Linear):
             if len(shape) != 1 or shape[0] != m.in_features:
                 raise InputError(f"layer '{where}' (Linear) expects {m.in_features} features but receives shape {shape}")
-            return self._affine(LinearOp(m.weight, m.bias), where, idx, val)
+            return self._affine(LinearOp(m.weight, m.bias), where, idx, val, (m.out_features,))
         if isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:
                 raise UnsupportedLayerError(f"layer '{where}' (Flatten) must flatten from dim 1 to -1")
             n = 1
             for s in shape:
                 n *= s
-            return self._affine(ReshapeOp(shape, (n,)), where, idx, val)
+            return self._affine(ReshapeOp(shape, (n,)), where, idx, val, (n,))
         if isinstance(m, nn.Conv2d):
             if len(shape) != 3 or shape[0] != m.in_channels:
                 raise InputError(f"layer '{where}' (Conv2d) expects [{m.in_channels}, H, W] but receives shape {shape}")
@@ -128,8 +140,9 @@ class _Builder:
                 if padding != "valid":
                     raise UnsupportedLayerError(f"layer '{where}' (Conv2d) uses padding={padding!r}; give explicit numbers")
                 padding = (0, 0)
-            out = m(val)
-            op = ConvOp(m.weight, m.bias, _pair(m.stride), _pair(padding), _pair(m.dilation), m.groups, shape, out.shape[1:])
+            stride, padding, dilation = _pair(m.stride), _pair(padding), _pair(m.dilation)
+            out = (m.out_channels, *_conv_out(where, "Conv2d", shape[1:], _pair(m.kernel_size), stride, padding, dilation))
+            op = ConvOp(m.weight, m.bias, stride, padding, dilation, m.groups, shape, out)
             return self._affine(op, where, idx, val, out)
         if isinstance(m, nn.AvgPool2d):
             if len(shape) != 3:
@@ -140,16 +153,18 @@ class _Builder:
                     f"layer '{where}' (AvgPool2d) with ceil_mode, divisor_override or count_include_pad=False is not supported"
                 )
             k = _pair(m.kernel_size)
+            if any(p > kk // 2 for p, kk in zip(pad, k)):
+                raise UnsupportedLayerError(f"layer '{where}' (AvgPool2d): padding {pad} exceeds half the window {k}")
             stride = _pair(m.stride if m.stride is not None else m.kernel_size)
             C = shape[0]
-            w = val.new_full((C, 1, k[0], k[1]), 1.0 / (k[0] * k[1]))
-            out = m(val)
-            return self._affine(ConvOp(w, None, stride, pad, (1, 1), C, shape, out.shape[1:]), where, idx, val, out)
+            w = self.like.new_full((C, 1, k[0], k[1]), 1.0 / (k[0] * k[1]))
+            out = (C, *_conv_out(where, "AvgPool2d", shape[1:], k, stride, pad))
+            return self._affine(ConvOp(w, None, stride, pad, (1, 1), C, shape, out), where, idx, val, out)
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             want = 3 if isinstance(m, nn.BatchNorm2d) else (1, 2)
             if (len(shape) != want if isinstance(want, int) else len(shape) not in want) or shape[0] != m.num_features:
                 raise InputError(f"layer '{where}' ({type(m).__name__}) expects {m.num_features} channels, receives shape {shape}")
-            if m.training or not m.track_running_stats:
+            if m.training or not m.track_running_stats:  # build_graph then always has the batch's values
                 dims = [0] + list(range(2, val.dim()))
                 mean = val.mean(dims)
                 var = val.var(dims, unbiased=False)
@@ -161,24 +176,27 @@ class _Builder:
             shift = -mean * scale
             if m.bias is not None:
                 shift = shift + m.bias
-            return self._affine(ChannelAffineOp(scale, shift, shape), where, idx, val)
+            return self._affine(ChannelAffineOp(scale, shift, shape), where, idx, val, shape)
         if isinstance(m, cnn.Normalize):
             if m.mean.numel() > 1 and m.mean.numel() != shape[0]:
                 raise InputError(f"layer '{where}' (Normalize) has {m.mean.numel()} channels but receives shape {shape}")
-            return self._affine(ChannelAffineOp(1.0 / m.std, -m.mean / m.std, shape), where, idx, val)
+            return self._affine(ChannelAffineOp(1.0 / m.std, -m.mean / m.std, shape), where, idx, val, shape)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _affine(self, op, where, idx, val, out=None):
-        out = op.fwd(val) if out is None else out
-        return self.g.add(Node("affine", (idx,), op, where, tuple(out.shape[1:]))), out
+    def _affine(self, op, where, idx, val, shape):
+        if val is not None:  # with values, shapes are the computed ones (tests compare them to the arithmetic)
+            val = op.fwd(val)
+            shape = tuple(val.shape[1:])
+        return self.g.add(Node("affine", (idx,), op, where, shape)), val, shape
 
 
 def build_graph(model: nn.Module, x: torch.Tensor, full: bool = False) -> Graph:
     """The graph of ``model`` for inputs shaped like ``x`` ([B, *input_shape]).
 
-    The centre forward runs on one sample, or on the whole batch when BatchNorm uses batch statistics or ``full``
-    is asked for; on the whole batch, ``g.output_value`` holds the model's output at x (its logits, computed by
-    the graph's ops, with the caller's grad mode; BatchNorm running statistics are not updated).
+    A forward pass runs only on the whole batch, when BatchNorm uses batch statistics or ``full`` is asked for
+    (otherwise the nodes' shapes follow from the layers' arithmetic); then ``g.output_value`` holds the model's
+    output at x (its logits, computed by the graph's ops, with the caller's grad mode; BatchNorm running statistics
+    are not updated).
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -188,10 +206,9 @@ def build_graph(model: nn.Module, x: torch.Tensor, full: bool = False) -> Graph:
     full = full or batch_stats
     if batch_stats and x.shape[0] < 2 and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training for m in model.modules()):
         raise InputError("BatchNorm in train mode needs a batch of at least 2 samples; call model.eval() first")
-    val = x if full else x[:1]
     # the ops hold parameters (and BatchNorm's folded scale/shift) with the caller's grad mode, so bounds stay
-    # differentiable in every parameter; the one-sample centre forward costs next to nothing
-    _, out = _Builder(g).walk(model, "", 0, val)
+    # differentiable in every parameter; without ``full`` no forward pass runs (shapes follow from the layers)
+    _, out, _ = _Builder(g, x).walk(model, "", 0, x if full else None, tuple(x.shape[1:]))
     if full:
         g.output_value = out
     if len(g.nodes) == 1:  # an identity model: keep one node so the output is not the input
