@@ -253,3 +253,26 @@ def test_adam_is_fused_when_available_and_takes_the_same_steps_as_plain_adam():
     assert (a[0].weight - w0).abs().max() > 1e-2
     sgd = make_optimizer(TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9), a.parameters())
     assert isinstance(sgd, torch.optim.SGD)
+
+
+def test_resumed_optimizer_keeps_this_machines_kernel_choice():
+    """A checkpoint stores its writer's `fused` flag; resuming keeps the kernel make_optimizer picked here (a fused
+    state on a torch without the fused CPU kernel would fail at the first step) and the moments and step count."""
+    from certlab.train.setup import load_optimizer_state, make_optimizer
+
+    torch.manual_seed(0)
+    m = nn.Linear(4, 2)
+    writer = torch.optim.Adam(m.parameters(), lr=1e-2, fused=True)  # the checkpoint's writer had the fused kernel
+    m(torch.randn(8, 4)).sum().backward()
+    writer.step()
+    saved = writer.state_dict()
+    assert saved["param_groups"][0]["fused"] is True
+    plain = torch.optim.Adam(m.parameters(), lr=1e-2)  # what make_optimizer builds where fused is unavailable
+    load_optimizer_state(plain, saved)
+    assert not plain.param_groups[0]["fused"]
+    assert float(plain.state[m.weight]["step"]) == 1.0
+    assert torch.equal(plain.state[m.weight]["exp_avg"], writer.state[m.weight]["exp_avg"])
+    plain.step()  # runs on the plain path
+    mine = make_optimizer(TrainConfig(optimizer="adam", lr=1e-2), m.parameters())
+    load_optimizer_state(mine, torch.optim.Adam(m.parameters(), lr=1e-2).state_dict())  # a plain checkpoint
+    assert mine.param_groups[0]["fused"] == mine.defaults["fused"]

@@ -33,8 +33,8 @@ from certlab.train import checkpoint as ckpt
 from certlab.train import schedules
 from certlab.train.config import TrainConfig, atomic_write_text
 from certlab.train.objectives import OBJECTIVES, StepContext
-from certlab.train.setup import (build_model, dataset_record, load_data, make_optimizer, make_scheduler,
-                                 resolve_device, seed_everything)
+from certlab.train.setup import (build_model, dataset_record, load_data, load_optimizer_state, make_optimizer,
+                                 make_scheduler, resolve_device, seed_everything)
 from certlab.train.threats import ThreatMaker
 
 FILES = {"config": "config.yaml", "metrics": "metrics.jsonl", "last": "last.pt", "best": "best.pt",
@@ -141,7 +141,7 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
     if state is not None:
         try:
             model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
+            load_optimizer_state(opt, state["optimizer"])
             if sched is not None:
                 sched.load_state_dict(state["scheduler"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:

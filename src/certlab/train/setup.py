@@ -65,6 +65,17 @@ def make_optimizer(cfg, params):
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def load_optimizer_state(opt, state: dict) -> None:
+    """``opt.load_state_dict(state)``, keeping the kernel ``make_optimizer`` chose on this machine: a checkpoint
+    stores its writer's ``fused`` flag, which would otherwise resume a fused run on a torch without the fused CPU
+    kernel (an error at the first step) and a plain run without the faster kernel."""
+    kept = [(g.get("fused"), g.get("foreach")) for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, (fused, foreach) in zip(opt.param_groups, kept):
+        if "fused" in g:
+            g["fused"], g["foreach"] = fused, foreach
+
+
 def make_scheduler(cfg, opt, steps_per_epoch: int):
     """(scheduler or None, whether it steps per batch)."""
     if cfg.lr_schedule == "none":
