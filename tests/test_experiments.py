@@ -383,3 +383,16 @@ def test_cell_metric_summaries():
     rows = [{"relaxation": "ibp", "width": 2.0, "lp_gap": None}, {"relaxation": "crown", "width": 1.0}]
     d = cell.diagnostics_metrics(rows, "crown")
     assert d["own"] == {"width": 1.0} and d["ibp"] == {"width": 2.0}
+
+
+def test_every_shipped_experiment_file_loads_and_its_cells_are_valid_configs():
+    """The study files users run: valid YAML, every document expands to cells, every cell a valid TrainConfig."""
+    root = os.path.join(os.path.dirname(__file__), "..", "experiments")
+    files = sorted(f for f in os.listdir(root) if f.endswith(".yaml"))
+    assert len(files) >= 10
+    for f in files:
+        for exp in grid.load_all(os.path.join(root, f)):
+            cells = grid.expand(exp)
+            assert cells, f"{f}: {exp.name} has no cells"
+            if grid.uses_train_config(exp):
+                grid.validate_configs(cells)
