@@ -112,6 +112,11 @@ def test_load_all_multi_document(tmp_path):
     assert [e.name for e in exps] == ["a", "b"] and len(exps[0].cells()) == 2 and len(exps[1].cells()) == 1
     with pytest.raises(CertlabError):
         grid.load(p)
+    p.write_text("name: a\ncell_fn: m:f\nbase: {x: 1, d: {u: 1}}\n---\nname: b\nextends: a\nbase: {d: {v: 2}}\n"
+                 "---\nname: c\nextends: a\ncell_fn: m:g\n")
+    a, b, c = grid.load_all(p)
+    assert b.base == {"x": 1, "d": {"u": 1, "v": 2}} and b.cell_fn == "m:f"  # extends inherits the cell function
+    assert c.cell_fn == "m:g"
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(CertlabError, match="not valid YAML"):
         grid.load_all(tmp_path / "bad.yaml")

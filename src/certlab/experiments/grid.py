@@ -13,7 +13,8 @@ An experiment file (YAML) has the keys
     cell_fn: module:function         # optional: what runs one cell (default certlab.experiments.cell:run_cell)
     budget: text                     # optional: the CPU budget, shown in dry runs and reports
     extends: other_name              # optional: start from the base of an earlier experiment of the same file
-                                     # (deep merge: this base's keys override, nested dicts merge)
+                                     # (deep merge: this base's keys override, nested dicts merge) and, unless
+                                     # given here, its cell_fn
 
 A file may hold several experiments as YAML documents separated by ``---``.
 
@@ -211,7 +212,8 @@ def load_all(path) -> list:
             if parent is None:
                 raise CertlabError(f"{path}: experiment {d.get('name')!r} extends {d['extends']!r}, which is not an "
                                    f"earlier experiment of this file")
-            d = {**d, "base": deep_merge(parent.base, d.get("base") or {})}
+            d = {**d, "base": deep_merge(parent.base, d.get("base") or {}),
+                 "cell_fn": d.get("cell_fn") or parent.cell_fn}
         e = from_dict(d, source=path)
         by_name[e.name] = e
         exps.append(e)
