@@ -130,21 +130,20 @@ def interval_pass(g, x, threat, keep_pre=True):
         elif node.kind == "add":
             (c1, r1), (c2, r2) = val[node.inputs[0]], val[node.inputs[1]]
             c, r = c1 + c2, r1 + r2
-        elif keep_pre:  # relu
-            c, r = val[node.inputs[0]]
-            l, u = c - r, c + r
-            pre[i] = (l, u)
-            l, u = torch.relu(l), torch.relu(u)  # relu's backward is one fused kernel; clamp_min's is ge + where
-            c = torch.lerp(l, u, 0.5)
-            r = u - c
-        elif torch.is_grad_enabled() and any(t.requires_grad for t in val[node.inputs[0]]):
-            c, r = val[node.inputs[0]]
-            l, u = (c - r).relu_(), (c + r).relu_()  # fresh tensors: relu in place is safe for autograd
-            c = torch.lerp(l, u, 0.5)
-            r = u - c
-        else:
+        else:  # relu
             j = node.inputs[0]
-            c, r = _relu_interval(*val[j], own=j in owned)
+            c, r = val[j]
+            if not keep_pre and not (torch.is_grad_enabled() and (c.requires_grad or r.requires_grad)):
+                c, r = _relu_interval(c, r, own=j in owned)
+            else:
+                l, u = c - r, c + r
+                if keep_pre:
+                    pre[i] = (l, u)
+                    l, u = torch.relu(l), torch.relu(u)  # relu's backward is one fused kernel; clamp_min's: ge + where
+                else:  # l and u are fresh tensors: relu in place is safe for autograd
+                    l, u = l.relu_(), u.relu_()
+                c = torch.lerp(l, u, 0.5)
+                r = u - c
         if i in refined:
             l, u = refined[i]
             l, u = torch.max(c - r, l), torch.min(c + r, u)
