@@ -22,3 +22,58 @@ def test_conv_back_is_the_transpose_of_forward(cin, stride, padding, dilation):
         for s in range(3):
             (ref,) = torch.autograd.grad(out, x, A[b, s].unsqueeze(0), retain_graph=True)
             torch.testing.assert_close(got[b, s], ref[0], rtol=1e-5, atol=1e-5)
+
+
+# -- folded specifications (bounds.spec / SpecLinearOp) ------------------------------------------------------------
+from certlab.bounds import spec as spec_mod  # noqa: E402
+from certlab.bounds.core import margin_spec  # noqa: E402
+from certlab.bounds.ops import SpecLinearOp  # noqa: E402
+
+
+def test_margin_table_is_the_margin_specification():
+    y = torch.tensor([3, 0, 9, 3, 5])
+    s = spec_mod.margin_table(y, 10, torch.float32)
+    assert s.table.shape == (100, 10) and s.index.shape == (5, 10)
+    assert torch.equal(s.dense(), margin_spec(y, 10, torch.float32))
+
+
+def test_from_dense_keeps_rows_and_shares_a_broadcast_set():
+    g = torch.Generator().manual_seed(1)
+    C = torch.randn(4, 3, 6, generator=g)
+    s = spec_mod.from_dense(C)
+    assert torch.equal(s.dense(), C)
+    shared = torch.randn(3, 6, generator=g).unsqueeze(0).expand(4, -1, -1)
+    s = spec_mod.from_dense(shared)
+    assert s.table.shape == (3, 6) and torch.equal(s.dense(), shared)
+
+
+@pytest.mark.parametrize("tabled", [True, False])
+@pytest.mark.parametrize("with_layer", [True, False])
+def test_spec_linear_op_equals_per_sample_maps(tabled, with_layer, monkeypatch):
+    """Every map of the folded specification equals the explicit per-sample W[b] = C[b]·V, c[b] = C[b]·a, on the
+    table path (few distinct rows) and on the per-sample path."""
+    monkeypatch.setattr(SpecLinearOp, "TABLE_ROWS_PER_SPEC", 10**6 if tabled else 0)
+    g = torch.Generator().manual_seed(2 + tabled + 2 * with_layer)
+    B, K, n, G = 6, 5, 7, 3
+    y = torch.randint(0, K, (B,), generator=g)
+    s = spec_mod.margin_table(y, K, torch.float32)
+    V = torch.randn(K, n, generator=g) if with_layer else None
+    a = torch.randn(K, generator=g) if with_layer else None
+    op = SpecLinearOp(s, V, a)
+    assert op.tabled == tabled
+    C = margin_spec(y, K, torch.float32)
+    W = C @ V if with_layer else C
+    c = C @ a if with_layer else torch.zeros(B, K)
+    m = W.shape[-1]
+    z = torch.randn(B, m, generator=g)
+    r = torch.rand(B, m, generator=g)
+    zg = torch.randn(B * G, m, generator=g)
+    A = torch.randn(B, 2, K, generator=g)
+    close = lambda u, v: torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)  # noqa: E731
+    close(op.fwd(z), torch.einsum("bsn,bn->bs", W, z) + c)
+    close(op.lin(zg), torch.einsum("bsn,bgn->bgs", W, zg.view(B, G, m)).reshape(B * G, K))
+    close(op.absfwd(r), torch.einsum("bsn,bn->bs", W.abs(), r))
+    close(op.absfwd(r[:1]), torch.einsum("bsn,n->bs", W.abs(), r[0]))  # radii shared by the batch
+    close(op.sqfwd(r), torch.einsum("bsn,bn->bs", W * W, r))
+    close(op.back(A), torch.bmm(A, W))
+    close(op.bias_back(A), torch.einsum("bts,bs->bt", A, c))

@@ -106,3 +106,27 @@ def test_validate_names_a_single_nonfinite_entry_anywhere(bad, domain):
             x.view(-1)[pos] = bad
             with pytest.raises(certlab.InputError, match="NaN or inf"):
                 ball.validate(x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: certlab.LinfBall(0.1), lambda: certlab.LinfBall(torch.tensor([0.0, 0.05, 0.3])),
+    lambda: certlab.LinfBall(0.2, domain=None),
+    lambda: certlab.L2Ball(0.5), lambda: certlab.L2Ball(torch.tensor([0.1, 0.0, 1.0]), domain=(-1.0, 2.0)),
+])
+@pytest.mark.parametrize("grad", [False, True])
+def test_centre_radius_is_the_interval_hull(make, grad):
+    """(c, r) from centre_radius (in place on fresh tensors when no gradient is recorded) spans the interval hull,
+    does not touch x, and lets gradients through when x requires them."""
+    threat = make()
+    x = torch.rand(3, 2, 4, generator=torch.Generator().manual_seed(3))
+    x0 = x.clone()
+    x.requires_grad_(grad)
+    lo, hi = threat.interval_hull(x)
+    c, r = threat.centre_radius(x)
+    torch.testing.assert_close(c - r, lo, rtol=0, atol=1e-6)
+    torch.testing.assert_close(c + r, hi, rtol=0, atol=1e-6)
+    assert torch.equal(x.detach(), x0)
+    if grad:
+        (g,) = torch.autograd.grad((c + r).sum(), x)
+        hi_free = (x0 + threat.eps_view(x0)) < threat.domain[1] if threat.domain else torch.ones_like(x0, dtype=torch.bool)
+        torch.testing.assert_close(g, hi_free.float())

@@ -135,6 +135,24 @@ class ThreatSet:
     def interval_hull(self, x: torch.Tensor):
         return self._box(x)
 
+    def centre_radius(self, x: torch.Tensor):
+        """(c, r) of the interval hull [c − r, c + r] as fresh tensors (callers may overwrite them): c = lerp(lo, hi,
+        ½), r = hi − c. For the clipped box: two new tensors and four in-place passes instead of six new tensors,
+        when no gradient is recorded through x or ε."""
+        if type(self).interval_hull is not ThreatSet.interval_hull or (
+            torch.is_grad_enabled() and (x.requires_grad or getattr(self.eps, "requires_grad", False))
+        ):
+            lo, hi = self.interval_hull(x)
+            c = torch.lerp(lo, hi, 0.5)
+            return c, hi - c
+        e = self.eps if isinstance(self.eps, float) else self.eps_view(x)
+        lo, hi = x - e, x + e
+        if self.domain is not None:
+            lo.clamp_(min=self.domain[0])
+            hi.clamp_(max=self.domain[1])
+        c = lo.lerp_(hi, 0.5)
+        return c, hi.sub_(c)
+
     def project(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -6,8 +6,9 @@ from typing import NamedTuple
 
 import torch
 
-from certlab.bounds import alpha_crown, core, crown, crown_ibp, deepz, fastlin, hbox, ibp
+from certlab.bounds import alpha_crown, core, crown, crown_ibp, deepz, fastlin, hbox, ibp, spec
 from certlab.bounds.ops import LinearOp, SpecLinearOp
+from certlab.bounds.spec import Spec
 from certlab.errors import InputError
 
 RELAXATIONS = {
@@ -39,17 +40,17 @@ def resolve_method(method: str) -> str:
     return m
 
 
-def fold_spec(g: core.Graph, C: torch.Tensor) -> core.Graph:
-    """A copy of g whose output is C·f: C is folded into the last Linear layer when there is one."""
+def fold_spec(g: core.Graph, C) -> core.Graph:
+    """A copy of g whose output is C·f: C ([B, S, K], or a :class:`~certlab.bounds.spec.Spec`) is folded into the
+    last Linear layer when there is one, else appended as a layer of its own."""
+    C = C if isinstance(C, Spec) else spec.from_dense(C)
+    S = C.index.shape[1]
     nodes = list(g.nodes)
     last = nodes[-1]
     if last.kind == "affine" and isinstance(last.op, LinearOp):
-        W, b = last.op.W, last.op.b
-        Wc = torch.matmul(C, W)  # [B, S, h]
-        bc = torch.matmul(C, b) if b is not None else C.new_zeros(C.shape[:2])
-        nodes[-1] = core.Node("affine", last.inputs, SpecLinearOp(Wc, bc), last.name, (C.shape[1],))
+        nodes[-1] = core.Node("affine", last.inputs, SpecLinearOp(C, last.op.W, last.op.b), last.name, (S,))
     else:
-        nodes.append(core.Node("affine", (len(nodes) - 1,), SpecLinearOp(C, C.new_zeros(C.shape[:2])), "<spec>", (C.shape[1],)))
+        nodes.append(core.Node("affine", (len(nodes) - 1,), SpecLinearOp(C), "<spec>", (S,)))
     return core.Graph(nodes)
 
 
@@ -92,8 +93,8 @@ def margins(model, x, y, threat, method="crown", **opts) -> torch.Tensor:
     method, g = _prepare(model, x, threat, method)
     K = core.output_dim(g)
     y = core.check_labels(y, x.shape[0], K, x.device)
-    C = core.margin_spec(y, K, x.dtype)
-    low, _ = RELAXATIONS[method].compute(fold_spec(g, C), x, threat, lower_only=True, **opts)
+    low, _ = RELAXATIONS[method].compute(fold_spec(g, spec.margin_table(y, K, x.dtype)), x, threat, lower_only=True,
+                                         **opts)
     if not torch.isfinite(low).all():
         raise InputError("margin bounds are not finite (overflow in the model's weights or inputs)")
     return low.masked_fill(torch.nn.functional.one_hot(y, K).bool(), 0.0)

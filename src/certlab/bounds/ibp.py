@@ -114,11 +114,9 @@ def interval_pass(g, x, threat, keep_pre=True):
     Centre and radius from an interval [l, u] are c = lerp(l, u, ½) and r = u − c: two elementwise passes instead
     of four. Without ``keep_pre`` the ReLUs work in place (on tensors nothing else holds, when no gradient is
     recorded)."""
-    lo, hi = threat.interval_hull(x)
     refined, exact = prefix_bounds(g, x, threat)
     owned = set() if keep_pre else _owned(g, refined)
-    c = torch.lerp(lo, hi, 0.5)
-    val = {0: (c, hi - c)}
+    val = {0: threat.centre_radius(x)}
     pre = {}
     last = len(g.nodes) - 1
     for i, node in enumerate(g.nodes):

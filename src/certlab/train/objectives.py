@@ -28,6 +28,7 @@ from certlab.attacks.base import eval_mode
 from certlab.attacks.kernels import input_grad, recording
 from certlab.bounds import core
 from certlab.bounds.api import fold_spec
+from certlab.bounds.spec import margin_table
 from certlab.bounds.ibp import interval_pass
 from certlab.train import schedules
 
@@ -138,7 +139,7 @@ def margins_and_relus(model, x, y, threat, relaxation, need_relus: bool, want_lo
         g = core.build_graph(model, x, full=full)
         K = core.output_dim(g)
         yy = core.check_labels(y, x.shape[0], K, x.device)
-        gs = fold_spec(g, core.margin_spec(yy, K, x.dtype))
+        gs = fold_spec(g, margin_table(yy, K, x.dtype))
         pre, (low, _), _ = interval_pass(gs, x, threat, keep_pre=need_relus)
         m = low.masked_fill(F.one_hot(yy, K).bool(), 0.0)
         return m, ([pre[i] for i in gs.relus] if need_relus else None), (g.output_value if full else None)

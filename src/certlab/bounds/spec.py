@@ -1,0 +1,43 @@
+"""Specifications as a table of distinct rows: C[b, s] = table[index[b, s]].
+
+A specification C [B, S, K] asks for bounds on C·f(x') per sample. Most specifications repeat a few rows over the
+batch: the margin specification of label y has rows e_y − e_j, so a batch holds at most K² distinct rows whatever
+its size, and a C given as [S, K] is one set of S rows for every sample. Folded into the last linear layer W, the
+table becomes U rows table·W; a forward pass through it (IBP's centres and radii, hBox's and DeepZ's centres) is then
+one matrix product with U rows and a gather, instead of B per-sample products with S rows each, and |table·W|
+(IBP's radii) is U×n values instead of B×S×n. Back-substitution starts from the per-sample rows (``dense``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Spec(NamedTuple):
+    table: torch.Tensor  # [U, K]: the distinct rows
+    index: torch.Tensor  # [B, S] (long): which row each sample's s-th specification is
+
+    def dense(self) -> torch.Tensor:
+        """C as [B, S, K]."""
+        return self.table[self.index]
+
+
+def margin_table(y: torch.Tensor, K: int, dtype) -> Spec:
+    """The margin specification of labels y (row j of sample b is e_{y_b} − e_j; row y_b is zero) as a table of the
+    K² rows e_c − e_j and an index y_b·K + j."""
+    eye = torch.eye(K, device=y.device, dtype=dtype)
+    table = (eye.unsqueeze(1) - eye.unsqueeze(0)).reshape(K * K, K)  # row c·K + j = e_c − e_j
+    index = y.long().unsqueeze(1) * K + torch.arange(K, device=y.device)
+    return Spec(table, index)
+
+
+def from_dense(C: torch.Tensor) -> Spec:
+    """C [B, S, K] as a Spec: one table for the batch when C is a single [S, K] set expanded over it (stride 0), else
+    each sample's own rows (finding repeated rows in a general C costs more than it saves at the sizes where it
+    would matter)."""
+    B, S, K = C.shape
+    if B > 0 and C.stride(0) == 0:
+        return Spec(C[0], torch.arange(S, device=C.device).expand(B, S))
+    return Spec(C.reshape(B * S, K), torch.arange(B * S, device=C.device).view(B, S))
