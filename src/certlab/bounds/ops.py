@@ -98,8 +98,8 @@ class SpecLinearOp(AffineOp):
     last Linear layer (or the identity, V = None) and C held as a :class:`~certlab.bounds.spec.Spec` (a table of U
     distinct rows and an index [B, S]).
 
-    The centre maps (``fwd``, ``lin``) apply V first and then C, so they cost a forward pass of the last layer plus
-    K-sized products; the radius maps (``absfwd``, ``sqfwd``) need |W| and W∘W per row: with the table when it is
+    The centre maps (``fwd``, ``lin``) apply V first and then C[b], so they cost a forward pass of the last layer
+    plus K-sized products; the radius maps (``absfwd``, ``sqfwd``) need |W| and W∘W per row: with the table when it is
     small against the batch (at most ``TABLE_ROWS_PER_SPEC``·S rows, e.g. a margin specification: U = K² rows for
     any batch), else per sample. Back-substitution starts from ``W`` [B, S, n] (made once, on first use)."""
 
@@ -141,11 +141,7 @@ class SpecLinearOp(AffineOp):
     def _last(self, z, bias=True):
         return z if self.V is None else F.linear(z, self.V, self.a if bias else None)
 
-    def _apply_C(self, zK):  # zK [B, G, K] -> [B, G, S]
-        if self.tabled:
-            out = F.linear(zK, self.table)  # [B, G, U]
-            idx = self.index.unsqueeze(1).expand(-1, zK.shape[1], -1)
-            return out.gather(2, idx)
+    def _apply_C(self, zK):  # zK [B, G, K] -> [B, G, S]: K-sized products per sample
         return torch.matmul(zK, self.C.transpose(1, 2))
 
     def fwd(self, z):

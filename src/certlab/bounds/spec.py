@@ -2,10 +2,10 @@
 
 A specification C [B, S, K] asks for bounds on C·f(x') per sample. Most specifications repeat a few rows over the
 batch: the margin specification of label y has rows e_y − e_j, so a batch holds at most K² distinct rows whatever
-its size, and a C given as [S, K] is one set of S rows for every sample. Folded into the last linear layer W, the
-table becomes U rows table·W; a forward pass through it (IBP's centres and radii, hBox's and DeepZ's centres) is then
-one matrix product with U rows and a gather, instead of B per-sample products with S rows each, and |table·W|
-(IBP's radii) is U×n values instead of B×S×n. Back-substitution starts from the per-sample rows (``dense``).
+its size, and a C given as [S, K] is one set of S rows for every sample. Folded into the last linear layer V, the
+table becomes U rows table·V, and the radius maps that need |C[b]·V| (IBP's radii, ℓ2 row norms) become one matrix
+product with |table·V| (U×n values) and a gather, instead of B×S×n values and B matrix–vector products.
+Back-substitution starts from the per-sample rows (``dense``).
 """
 
 from __future__ import annotations
