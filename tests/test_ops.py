@@ -52,7 +52,7 @@ def test_from_dense_keeps_rows_and_shares_a_broadcast_set():
 def test_spec_linear_op_equals_per_sample_maps(tabled, with_layer, monkeypatch):
     """Every map of the folded specification equals the explicit per-sample W[b] = C[b]·V, c[b] = C[b]·a, on the
     table path (few distinct rows) and on the per-sample path."""
-    monkeypatch.setattr(SpecLinearOp, "TABLE_ROWS_PER_SPEC", 10**6 if tabled else 0)
+    monkeypatch.setattr(SpecLinearOp, "TABLE_MIN_REPEAT", 0 if tabled else 10**6)
     g = torch.Generator().manual_seed(2 + tabled + 2 * with_layer)
     B, K, n, G = 6, 5, 7, 3
     y = torch.randint(0, K, (B,), generator=g)

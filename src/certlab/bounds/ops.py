@@ -99,18 +99,18 @@ class SpecLinearOp(AffineOp):
     distinct rows and an index [B, S]).
 
     The centre maps (``fwd``, ``lin``) apply V first and then C[b], so they cost a forward pass of the last layer
-    plus K-sized products; the radius maps (``absfwd``, ``sqfwd``) need |W| and W∘W per row: with the table when it is
-    small against the batch (at most ``TABLE_ROWS_PER_SPEC``·S rows, e.g. a margin specification: U = K² rows for
-    any batch), else per sample. Back-substitution starts from ``W`` [B, S, n] (made once, on first use)."""
+    plus K-sized products; the radius maps (``absfwd``, ``sqfwd``) need |W| and W∘W per row: with the table when
+    its rows repeat over the batch (U·``TABLE_MIN_REPEAT`` ≤ B·S; a margin specification has U = K² rows for any
+    batch), else per sample. Back-substitution starts from ``W`` [B, S, n] (made once, on first use)."""
 
-    TABLE_ROWS_PER_SPEC = 16
+    TABLE_MIN_REPEAT = 2
 
     def __init__(self, spec, weight=None, bias=None):
         self.table, self.index = spec
         self.V, self.a = weight, bias
         K = self.table.shape[1]
         self.in_shape, self.out_shape = ((K,) if weight is None else (weight.shape[1],)), (self.index.shape[1],)
-        self.tabled = self.table.shape[0] <= self.TABLE_ROWS_PER_SPEC * self.index.shape[1]
+        self.tabled = self.table.shape[0] * self.TABLE_MIN_REPEAT <= self.index.numel()
         self._C = self._W = self._b = self._Wt = None
 
     @property
