@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from certlab.bounds.ops import SpecLinearOp
+
 
 def input_block(x):
     n = x[0].numel()
@@ -21,8 +23,8 @@ def apply_lin(op, G):
     Bg, m = G.shape[:2]
     if m == 0:
         return G.new_zeros(Bg, 0, *op.out_shape)
-    if Bg == 1 and getattr(op, "W", None) is not None and op.W.dim() == 3:  # per-sample spec op needs B rows
-        G = G.expand(op.W.shape[0], *G.shape[1:])
+    if Bg == 1 and isinstance(op, SpecLinearOp):  # a per-sample specification needs B rows
+        G = G.expand(op.index.shape[0], *G.shape[1:])
         Bg = G.shape[0]
     out = op.lin(G.reshape(Bg * m, *G.shape[2:]))
     return out.reshape(Bg, m, *out.shape[1:])
