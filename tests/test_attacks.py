@@ -1,5 +1,7 @@
 """Tests of certlab.attacks: feasibility, optimality on linear models, exact segment search, strength, hygiene."""
 
+import gc
+
 import pytest
 import torch
 
@@ -342,24 +344,30 @@ def test_input_gradient_kernel_policies_change_nothing_but_the_kernel():
     x = torch.rand(5, 1, 14, 14)
     y = torch.tensor([0, 1, 2, 0, 1])
     before = torch.backends.mkldnn.enabled
-    key = (id(net), tuple(x.shape[1:]), x.dtype)
+    key = (tuple(x.shape[1:]), x.dtype)
     grads = {}
     try:
         for policy in kernels.POLICIES:
-            kernels._CHOICE[key] = policy
+            kernels._CHOICE[net] = {key: policy}
             seen.clear()
             _, grads[policy], _ = base.loss_and_grad(net, x, lambda z: base.ce_loss(z, y))
             assert torch.backends.mkldnn.enabled == before
             if torch.backends.mkldnn.is_available():
                 want = {"on": {4: True, 1: True}, "off": {4: False, 1: False}, "mixed": {4: True, 1: False}}[policy]
                 assert dict(seen) == want, (policy, seen)
-        kernels._CHOICE.pop(key)
+        kernels._CHOICE.pop(net)
         _, g, _ = base.loss_and_grad(net, x, lambda z: base.ce_loss(z, y))  # timed choice
-        assert kernels._CHOICE[key] in kernels.POLICIES or not torch.backends.mkldnn.is_available()
+        assert kernels._CHOICE[net][key] in kernels.POLICIES or not torch.backends.mkldnn.is_available()
     finally:
-        kernels._CHOICE.pop(key, None)
+        kernels._CHOICE.pop(net, None)
     assert torch.backends.mkldnn.enabled == before
     assert grads["on"].abs().sum() > 0
     for policy in ("off", "mixed"):
         torch.testing.assert_close(grads[policy], grads["on"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g, grads["on"], rtol=1e-5, atol=1e-7)
+    n = len(kernels._CHOICE)  # a timed choice is forgotten with its model (no stale entry for a reused id)
+    kernels._CHOICE[net] = {key: "on"}
+    assert len(kernels._CHOICE) == n + 1
+    del net
+    gc.collect()
+    assert len(kernels._CHOICE) == n

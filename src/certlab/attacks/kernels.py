@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 
 import torch
 
 FEW_CHANNELS = 2
 POLICIES = ("on", "off", "mixed")
 
-_CHOICE: dict = {}  # (model id, per-sample input shape, dtype) -> policy
+_CHOICE = weakref.WeakKeyDictionary()  # model -> {(per-sample input shape, dtype): policy}; forgotten with the model
 _active = {"policy": None}  # the policy of the backward now running (None: leave the flag alone)
 
 
@@ -82,8 +83,12 @@ def input_grad(model, loss, xv):
     :func:`recording`; without it the ``mixed`` policy behaves like ``on``)."""
     if not _applies(xv):
         return torch.autograd.grad(loss, xv, allow_unused=True)[0]
-    key = (id(model), tuple(xv.shape[1:]), xv.dtype)
-    policy = _CHOICE.get(key)
+    try:
+        choices = _CHOICE.setdefault(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: time the policies for this call only
+        choices = {}
+    key = (tuple(xv.shape[1:]), xv.dtype)
+    policy = choices.get(key)
     if policy is None:
         times = dict.fromkeys(POLICIES, float("inf"))
         for _ in range(2):
@@ -91,5 +96,5 @@ def input_grad(model, loss, xv):
                 t0 = time.perf_counter()
                 _grad(loss, xv, p, retain=True)
                 times[p] = min(times[p], time.perf_counter() - t0)
-        policy = _CHOICE[key] = min(POLICIES, key=times.get)
+        policy = choices[key] = min(POLICIES, key=times.get)
     return _grad(loss, xv, policy)
