@@ -1,5 +1,6 @@
 """Bound-engine throughput: samples/s of every method, and its cost relative to a plain forward pass measured in the
-same run. When auto_LiRPA is importable (a scratch environment, never a dependency) it also prints certlab / auto_LiRPA
+same run: each ratio is the median over alternating pairs of calls (the method, then a forward; auto_LiRPA, then
+certlab), so a drift in the machine's speed cancels. When auto_LiRPA is importable (a scratch environment, never a dependency) it also prints certlab / auto_LiRPA
 throughput ratios and the largest difference between the two libraries' bounds.
 
     python benchmarks/bounds.py                       # all models, all methods that fit the CPU budget
@@ -12,6 +13,7 @@ Models: MLP 784-256-256-10; the small CNN conv(16,4,s2,p1)-conv(32,4,s2,p1)-fc10
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from certlab import runtime
@@ -30,6 +32,26 @@ MODELS = {
 }
 # methods whose cost on CNN7 (65k neurons a layer) needs a GPU: skipped on CPU unless asked for explicitly
 HEAVY = {"cnn7": {"hbox", "deepz", "fastlin", "crown", "alpha-crown"}}
+
+
+def timeit_pair(fn, base, repeat, min_time=0.5):
+    """Call fn and base alternately (at least ``repeat`` pairs and ``min_time`` seconds, at most 30 s). Returns
+    (median seconds per fn call, median over the pairs of fn's time / base's time): on a shared machine whose speed
+    drifts, each ratio compares two calls made a moment apart."""
+    fn()
+    base()
+    tf, tb = [], []
+    t0 = time.perf_counter()
+    while True:
+        a = time.perf_counter()
+        fn()
+        b = time.perf_counter()
+        base()
+        c = time.perf_counter()
+        tf.append(b - a)
+        tb.append(c - b)
+        if len(tf) >= repeat and c - t0 >= min_time or c - t0 > 30:
+            return statistics.median(tf), statistics.median(f / g for f, g in zip(tf, tb))
 
 
 def timeit(fn, repeat, min_time=0.5):
@@ -61,8 +83,11 @@ def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
     y = torch.randint(0, 10, (batch,), device=device)
     threat = certlab.LinfBall(eps)
     C = margin_spec(y.cpu(), 10).to(device)
-    with torch.no_grad():
-        t_fwd = timeit(lambda: model(x), repeat)
+    def forward():
+        with torch.no_grad():
+            return model(x)
+
+    t_fwd = timeit(forward, repeat)
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
@@ -88,10 +113,10 @@ def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
             lo = certlab.bounds(model, x, threat, method=m, C=C).lower
             torch.nn.functional.softplus(-lo).mean().backward()
 
-        t = timeit(run, repeat)
-        tg = timeit(run_grad, max(1, repeat // 2))
-        rows[m] = (t, run())
-        print(f"| {m} | {batch / t:,.1f} | {t / t_fwd:.1f} | {batch / tg:,.1f} | {tg / t_fwd_bwd:.1f} |")
+        t, r = timeit_pair(run, lambda: forward(), repeat)
+        tg, rg = timeit_pair(run_grad, fwd_bwd, max(1, repeat // 2))
+        rows[m] = (run, run())
+        print(f"| {m} | {batch / t:,.1f} | {r:.1f} | {batch / tg:,.1f} | {rg:.1f} |")
     if lirpa is not None and name != "cnn7":
         compare_lirpa(lirpa, model, x, C, eps, rows, repeat, batch)
 
@@ -113,11 +138,11 @@ def compare_lirpa(lirpa, model, x, C, eps, rows, repeat, batch):
                     with torch.no_grad():
                         return bm.compute_bounds(x=(bx,), C=C, method=theirs)
 
-                t = timeit(run, repeat)
+                run_ours, b = rows[ours]
+                t, ratio = timeit_pair(run, run_ours, repeat)  # their time / ours, call by call
                 lb, ub = run()
-                t_ours, b = rows[ours]
                 diff = max((lb - b.lower).abs().max().item(), (ub - b.upper).abs().max().item())
-                print(f"| {ours} | {mode} | {batch / t:,.1f} | {t / t_ours:.2f} | {diff:.2e} |")
+                print(f"| {ours} | {mode} | {batch / t:,.1f} | {ratio:.2f} | {diff:.2e} |")
             except Exception as e:  # a peer's failure is reported, never fatal
                 print(f"| {ours} | {mode} | failed: {type(e).__name__}: {str(e)[:80]} | | |")
 
