@@ -104,7 +104,7 @@ def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
             print(f"| {m} | skipped: needs a GPU at this size | | | |")
             continue
 
-        def run():
+        def run(m=m):  # bound now: rows keeps this function for the auto_LiRPA comparison
             with torch.no_grad():
                 return certlab.bounds(model, x, threat, method=m, C=C)
 
