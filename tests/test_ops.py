@@ -77,3 +77,23 @@ def test_spec_linear_op_equals_per_sample_maps(tabled, with_layer, monkeypatch):
     close(op.sqfwd(r), torch.einsum("bsn,bn->bs", W * W, r))
     close(op.back(A), torch.bmm(A, W))
     close(op.bias_back(A), torch.einsum("bts,bs->bt", A, c))
+
+
+@pytest.mark.parametrize("cin", [1, 2])
+def test_conv_back_columns_path_has_the_transposes_gradients(cin):
+    """The few-input-channel path (batched product into columns + fold) differentiates like conv_transpose2d, with
+    respect to both Λ and the weights (certified training backpropagates through it)."""
+    g = torch.Generator().manual_seed(7 + cin)
+    conv = torch.nn.Conv2d(cin, 4, 4, stride=2, padding=1)
+    in_shape = (cin, 12, 10)
+    out_shape = conv(torch.zeros(1, *in_shape)).shape[1:]
+    W = conv.weight.detach().clone().requires_grad_(True)
+    A = torch.randn(3, 2, *out_shape, generator=g, requires_grad=True)
+    G = torch.randn(3, 2, *in_shape, generator=g)
+    op = ConvOp(W, None, conv.stride, conv.padding, conv.dilation, 1, in_shape, out_shape)
+    got = torch.autograd.grad((op.back(A) * G).sum(), (A, W))
+    ref_out = torch.nn.functional.conv_transpose2d(A.reshape(6, *out_shape), W, None, conv.stride, conv.padding,
+                                                   op.output_padding, 1, conv.dilation)
+    ref = torch.autograd.grad((ref_out.reshape(3, 2, *in_shape) * G).sum(), (A, W))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

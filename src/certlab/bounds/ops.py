@@ -203,14 +203,17 @@ class ConvOp(AffineOp):
 
     def back(self, A):
         """Λ ↦ Λ·W as a transposed convolution. With few input channels (e.g. the first layer of an MNIST network)
-        it is computed as one matrix product into columns, Wᵀ [cin·kh·kw, cout] @ Λ [N·S, cout, positions], plus a
-        col2im fold: the same sums in another order, about 3× faster on CPU than oneDNN's conv_transpose2d at these
-        shapes (and no transposed copies of Λ)."""
+        it is computed as one batched matrix product into columns, Wᵀ [cin·kh·kw, cout] @ Λ [N·S, cout, positions]
+        (Wᵀ expanded over the batch without a copy), plus a col2im fold: the same sums in another order, about 3×
+        faster on CPU than oneDNN's conv_transpose2d at these shapes. (``torch.matmul`` of a matrix with a batch
+        folds the batch into the rows instead, through two transposed copies of Λ: 10–20 % of a CROWN-IBP call on
+        the small CNN.)"""
         N, S = A.shape[:2]
         A2 = A.reshape(N * S, *self.out_shape)
         cout, cin, kh, kw = self.W.shape
         if self.groups == 1 and cin <= 2:
-            cols = torch.matmul(self.W.reshape(cout, -1).t(), A2.reshape(N * S, cout, -1))
+            Wt = self.W.reshape(cout, -1).t().unsqueeze(0).expand(N * S, -1, -1)
+            cols = torch.bmm(Wt, A2.reshape(N * S, cout, -1))
             out = F.fold(cols, self.in_shape[1:], (kh, kw), self.dilation, self.padding, self.stride)
         else:
             out = F.conv_transpose2d(A2, self.W, None, self.stride, self.padding, self.output_padding, self.groups,
