@@ -158,21 +158,25 @@ def test_single_affine_layer_exact_for_every_method(method):
     assert torch.allclose(b.lower, exact_lo, atol=1e-5)
 
 
+@pytest.mark.parametrize("B", [4, 8])  # 8 samples × 3 classes ≥ 2 × 3² table rows: the folded spec's table path
 @pytest.mark.parametrize("kind", ["linf", "l2", "segments"])
 @pytest.mark.parametrize("method", certlab.METHODS)
-def test_relu_free_network_margins_sound(kind, method):
+def test_relu_free_network_margins_sound(kind, method, B):
     """The margin spec folded straight into the first layer (no ReLU in between), for every set."""
     from nets import threat_for
+    from certlab.bounds.ops import SpecLinearOp
+    from certlab.bounds.spec import margin_table
 
     model = torch.nn.Sequential(torch.nn.Linear(5, 3))
-    x = torch.rand(4, 5)
-    y = torch.tensor([0, 1, 2, 0])
+    x = torch.rand(B, 5)
+    y = torch.tensor([0, 1, 2, 0, 2, 2, 1, 0])[:B]
+    assert SpecLinearOp(margin_table(y, 3, x.dtype)).tabled == (B == 8)
     th = threat_for(kind, x, 0.1 if kind == "linf" else 0.4)
     m = certlab.margins(model, x, y, th, method)
     pts = torch.cat([th.sample(x, 2000), x.unsqueeze(0)])
     with torch.no_grad():
-        o = model(pts.reshape(-1, 5)).reshape(-1, 4, 3)
-    true = o.gather(2, y.view(1, 4, 1).expand(o.shape[0], 4, 1)) - o
+        o = model(pts.reshape(-1, 5)).reshape(-1, B, 3)
+    true = o.gather(2, y.view(1, B, 1).expand(o.shape[0], B, 1)) - o
     assert (true.min(0).values >= m - 1e-5).all()
 
 

@@ -75,6 +75,7 @@ def test_spec_linear_op_equals_per_sample_maps(tabled, with_layer, monkeypatch):
     close(op.absfwd(r), torch.einsum("bsn,bn->bs", W.abs(), r))
     close(op.absfwd(r[:1]), torch.einsum("bsn,n->bs", W.abs(), r[0]))  # radii shared by the batch
     close(op.sqfwd(r), torch.einsum("bsn,bn->bs", W * W, r))
+    close(op.sqfwd(r[:1]), torch.einsum("bsn,n->bs", W * W, r[0]))
     close(op.back(A), torch.bmm(A, W))
     close(op.bias_back(A), torch.einsum("bts,bs->bt", A, c))
 
