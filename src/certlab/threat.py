@@ -47,6 +47,11 @@ def _check_eps(eps) -> float | torch.Tensor:
     return eps
 
 
+def _centre_radius(lo, hi):
+    c = torch.lerp(lo, hi, 0.5)
+    return c, hi - c
+
+
 def _check_domain(domain):
     if domain is None:
         return None
@@ -139,12 +144,8 @@ class ThreatSet:
         """(c, r) of the interval hull [c − r, c + r] as fresh tensors (callers may overwrite them): c = lerp(lo, hi,
         ½), r = hi − c. For the clipped box: two new tensors and four in-place passes instead of six new tensors,
         when no gradient is recorded through x or ε."""
-        if type(self).interval_hull is not ThreatSet.interval_hull or (
-            torch.is_grad_enabled() and (x.requires_grad or getattr(self.eps, "requires_grad", False))
-        ):
-            lo, hi = self.interval_hull(x)
-            c = torch.lerp(lo, hi, 0.5)
-            return c, hi - c
+        if torch.is_grad_enabled() and (x.requires_grad or getattr(self.eps, "requires_grad", False)):
+            return _centre_radius(*self._box(x))
         e = self.eps if isinstance(self.eps, float) else self.eps_view(x)
         lo, hi = x - e, x + e
         if self.domain is not None:
@@ -346,6 +347,9 @@ class SegmentUnion(ThreatSet):
         hi_val = torch.max(ad * blo, ad * bhi).max(-1).values
         lo_val = torch.min(ad * blo, ad * bhi).min(-1).values
         return c + lo_val, c + hi_val
+
+    def centre_radius(self, x):
+        return _centre_radius(*self.interval_hull(x))
 
     def interval_hull(self, x):
         d = self.directions_for(x)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from certlab.bounds.ops import AffineOp, ChannelAffineOp, ConvOp, LinearOp, ReshapeOp
+from certlab.bounds.spec import margin_table
 from certlab.errors import InputError, UnsupportedLayerError
 from certlab import nn as cnn
 from certlab.threat import ThreatSet
@@ -258,9 +259,7 @@ def check_labels(y, B: int, K: int, device) -> torch.Tensor:
 
 def margin_spec(y: torch.Tensor, K: int, dtype) -> torch.Tensor:
     """C [B, K, K] with row j = e_y − e_j (row y is zero), so C·f gives the margins f_y − f_j."""
-    B = y.shape[0]
-    eye = torch.eye(K, device=y.device, dtype=dtype)
-    return eye[y].unsqueeze(1) - eye.unsqueeze(0).expand(B, -1, -1)
+    return margin_table(y, K, dtype).dense()
 
 
 def relu_bounds(model, x, threat, method: str = "crown", **opts):

@@ -128,8 +128,7 @@ class SpecLinearOp(AffineOp):
     @property
     def b(self):  # [B, S]
         if self._b is None:
-            self._b = (self.C @ self.a if self.a is not None
-                       else self.C.new_zeros(self.index.shape))
+            self._b = self.C @ self.a if self.a is not None else self.C.new_zeros(self.index.shape)
         return self._b
 
     @property
