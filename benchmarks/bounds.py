@@ -1,7 +1,8 @@
 """Bound-engine throughput: samples/s of every method, and its cost relative to a plain forward pass measured in the
 same run: each ratio is the median over alternating pairs of calls (the method, then a forward; auto_LiRPA, then
-certlab), so a drift in the machine's speed cancels. When auto_LiRPA is importable (a scratch environment, never a dependency) it also prints certlab / auto_LiRPA
-throughput ratios and the largest difference between the two libraries' bounds.
+certlab), so a drift in the machine's speed cancels. When auto_LiRPA is importable (a scratch environment, never a
+dependency) it also prints certlab / auto_LiRPA throughput ratios and the largest difference between the two
+libraries' bounds.
 
     python benchmarks/bounds.py                       # all models, all methods that fit the CPU budget
     python benchmarks/bounds.py --models small-cnn --methods ibp,crown-ibp,crown --batch 32
@@ -83,6 +84,7 @@ def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
     y = torch.randint(0, 10, (batch,), device=device)
     threat = certlab.LinfBall(eps)
     C = margin_spec(y.cpu(), 10).to(device)
+
     def forward():
         with torch.no_grad():
             return model(x)
@@ -113,7 +115,7 @@ def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
             lo = certlab.bounds(model, x, threat, method=m, C=C).lower
             torch.nn.functional.softplus(-lo).mean().backward()
 
-        t, r = timeit_pair(run, lambda: forward(), repeat)
+        t, r = timeit_pair(run, forward, repeat)
         tg, rg = timeit_pair(run_grad, fwd_bwd, max(1, repeat // 2))
         rows[m] = (run, run())
         print(f"| {m} | {batch / t:,.1f} | {r:.1f} | {batch / tg:,.1f} | {rg:.1f} |")
