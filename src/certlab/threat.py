@@ -114,13 +114,14 @@ class ThreatSet:
                     "pass domain=None to disable clipping"
                 )
 
-    def _box(self, x):
-        """The box hull of the ball alone, clipped to the domain."""
-        e = self.eps_view(x)
+    def _box(self, x, inplace=False):
+        """The box hull of the ball alone, clipped to the domain (``inplace``: clipped in place, for callers that
+        record no gradient)."""
+        e = self.eps if isinstance(self.eps, float) else self.eps_view(x)
         lo, hi = x - e, x + e
         if self.domain is not None:
-            lo = lo.clamp(min=self.domain[0])
-            hi = hi.clamp(max=self.domain[1])
+            lo = lo.clamp_(min=self.domain[0]) if inplace else lo.clamp(min=self.domain[0])
+            hi = hi.clamp_(max=self.domain[1]) if inplace else hi.clamp(max=self.domain[1])
         return lo, hi
 
     @staticmethod
@@ -146,11 +147,7 @@ class ThreatSet:
         when no gradient is recorded through x or ε."""
         if torch.is_grad_enabled() and (x.requires_grad or getattr(self.eps, "requires_grad", False)):
             return _centre_radius(*self._box(x))
-        e = self.eps if isinstance(self.eps, float) else self.eps_view(x)
-        lo, hi = x - e, x + e
-        if self.domain is not None:
-            lo.clamp_(min=self.domain[0])
-            hi.clamp_(max=self.domain[1])
+        lo, hi = self._box(x, inplace=True)
         c = lo.lerp_(hi, 0.5)
         return c, hi.sub_(c)
 
