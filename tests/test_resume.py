@@ -143,6 +143,24 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert res["n"] == 40 and res["eps"] == 0.1 and set(res["certified_error"]) == {"ibp", "crown"}
     assert res["clean_error"] <= res["robust_error"] <= min(res["certified_error"].values()) + 1e-9
     assert 0 <= res["acr"]["crown"] <= 1
+    # --restarts reaches every attack; restarts only add attacks on the samples still unfooled (same first pass)
+    import certlab.attacks as atk
+
+    seen, real = [], atk.robust_error
+
+    def spy(*a, **kw):
+        seen.append(kw.get("restarts"))
+        return real(*a, **kw)
+
+    atk.robust_error = spy
+    try:
+        rc = cli.main(["evaluate", str(out), "--norm", "l2", "--eps", "0.1", "--certify", "none", "--attack",
+                       "apgd-ce", "--n", "40", "--restarts", "3", "--no-progress", "--output", str(tmp_path / "r3.json")])
+    finally:
+        atk.robust_error = real
+    assert rc == 0 and seen and set(seen) == {3}
+    r3 = json.loads((tmp_path / "r3.json").read_text())
+    assert r3["restarts"] == 3 and res["restarts"] == 1 and r3["robust_error"] >= res["robust_error"]
     # --output keeps eval.json as it is
     before = (out / "eval.json").read_text()
     rc = cli.main(["evaluate", str(out), "--norm", "l2", "--eps", "0.05", "--certify", "ibp", "--attack", "none",
@@ -157,7 +175,9 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
                       (["train", "--objective", "magic", "--out", str(tmp_path / "y")], "unknown objective"),
                       (["train", "--eps=-1", "--out", str(tmp_path / "z")], "eps must be >= 0"),
                       (["train", "--model", "nosuch", "--out", str(tmp_path / "w")], "unknown model"),
-                      (["evaluate", str(out), "--output", str(tmp_path / "no" / "x.json")], "does not exist")]:
+                      (["evaluate", str(out), "--output", str(tmp_path / "no" / "x.json")], "does not exist"),
+                      (["evaluate", str(out), "--restarts", "0"], "--restarts must be a positive integer"),
+                      (["train", "--eval-restarts", "0", "--out", str(tmp_path / "v")], "eval_restarts")]:
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err

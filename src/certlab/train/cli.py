@@ -120,6 +120,7 @@ def register(subparsers) -> None:
     e.add_argument("--certify", type=lambda s: [m for m in s.split(",") if m], help="e.g. ibp,crown ('none' for no certification)")
     e.add_argument("--attack", dest="attacks", type=lambda s: [m for m in s.split(",") if m],
                    help="e.g. apgd-ce,apgd-t ('none' for no attack)")
+    e.add_argument("--restarts", type=int, help="random restarts of each attack (default: the run's eval_restarts, 1)")
     e.add_argument("--n", type=int, help="first N test samples only")
     e.add_argument("--acr", action="store_true", default=None, help="also compute the average certified radius")
     e.add_argument("--which", choices=("best", "last"), default="last")
@@ -160,6 +161,8 @@ def _evaluate_cmd(args) -> int:
         raise CertlabError(f"--n must be a positive integer, got {args.n}")
     if args.eps is not None and not args.eps >= 0:
         raise CertlabError(f"--eps must be >= 0, got {args.eps}")
+    if args.restarts is not None and args.restarts < 1:
+        raise CertlabError(f"--restarts must be a positive integer, got {args.restarts}")
     if args.output is not None:
         parent = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(parent):
@@ -172,7 +175,7 @@ def _evaluate_cmd(args) -> int:
         certify = []
     res = evaluate_run(args.run_dir, norm=args.norm, eps=args.eps, certify=certify, attacks=attacks, n=args.n,
                        acr=args.acr, which=args.which, batch_size=args.batch_size, device=args.device,
-                       progress=not args.no_progress, output=args.output)
+                       progress=not args.no_progress, output=args.output, restarts=args.restarts)
     print(format_table([{"name": args.run_dir, **res}]))
     out = args.output or os.path.join(args.run_dir, "eval.json")
     print(f"wrote {out} ({res['time_s']:.1f}s)", file=sys.stderr)

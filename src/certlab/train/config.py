@@ -76,6 +76,7 @@ class TrainConfig:
     eval_eps: float | None = None
     eval_certify: list = field(default_factory=lambda: ["ibp", "crown"])
     eval_attacks: list = field(default_factory=lambda: ["apgd-ce", "apgd-t"])
+    eval_restarts: int = 1  # random restarts of each evaluation attack (later ones re-attack only the unfooled)
     eval_n: int | None = None
     eval_acr: bool = False
     val_n: int = 500
@@ -169,7 +170,7 @@ class TrainConfig:
         self.eval_certify = [resolve_method(m) for m in self.eval_certify]
         number("eps", 0.0)
         number("eval_eps", 0.0, optional=True)
-        for name in ("epochs", "batch_size", "k", "attack_steps", "attack_restarts", "val_n"):
+        for name in ("epochs", "batch_size", "k", "attack_steps", "attack_restarts", "eval_restarts", "val_n"):
             number(name, 1, integer=True)
         number("eval_n", 1, integer=True, optional=True)
         number("seed", 0, integer=True)

@@ -44,10 +44,11 @@ def load_run(run_dir, which: str = "best", device="cpu"):
 
 def evaluate_run(run_dir, norm=None, eps=None, certify=None, attacks=None, n=None, acr=None, which: str = "last",
                  batch_size: int = 256, device=None, progress: bool = False, write: bool = True,
-                 output=None) -> dict:
+                 output=None, restarts=None) -> dict:
     """Evaluate the run's model (``which`` checkpoint) on its dataset's test split; defaults from its config.
 
-    Writes ``output`` (default RUN_DIR/eval.json) atomically unless ``write=False``, and returns its content."""
+    ``restarts``: random restarts of each attack (default: the run's ``eval_restarts``). Writes ``output`` (default
+    RUN_DIR/eval.json) atomically unless ``write=False``, and returns its content."""
     from certlab.evaluation import evaluate
 
     p = _ckpt_path(run_dir, which)
@@ -67,12 +68,17 @@ def evaluate_run(run_dir, norm=None, eps=None, certify=None, attacks=None, n=Non
     attacks = cfg.eval_attacks if attacks is None else attacks
     n = cfg.eval_n if n is None else n
     acr = cfg.eval_acr if acr is None else acr
+    restarts = cfg.eval_restarts if restarts is None else restarts
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise CertlabError(f"restarts must be a positive integer, got {restarts!r}")
     _, test, info = load_data(cfg)
     maker = ThreatMaker(norm, info.name, info, cfg.k, cfg.seed, cfg.segment_dirs)
     res = evaluate(model, test, lambda x: maker(x, eps), certify=certify, attacks=attacks, batch_size=batch_size,
-                   acr=acr, device=dev, n=n, progress=progress)
+                   acr=acr, device=dev, n=n, progress=progress,
+                   attack_opts={"restarts": restarts} if attacks else None)
     res.update({"run": os.path.abspath(os.fspath(run_dir)), "checkpoint": which, "epoch": int(state["epoch"]),
-                "norm": norm, "eps": eps, "model": cfg.model, "dataset": cfg.dataset, "objective": cfg.objective})
+                "norm": norm, "eps": eps, "restarts": restarts, "model": cfg.model, "dataset": cfg.dataset,
+                "objective": cfg.objective})
     if write:
         out = os.path.join(os.fspath(run_dir), "eval.json") if output is None else os.fspath(output)
         atomic_write_text(out, json.dumps(res, indent=2))
