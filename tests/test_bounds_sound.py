@@ -131,3 +131,27 @@ def test_spec_matrix_bounds_and_margins(method):
         o = model(pts.reshape(-1, 4)).reshape(-1, 4, 5)
         true_margin = o.gather(2, y.view(1, 4, 1).expand(o.shape[0], 4, 1)) - o
     assert (true_margin.min(0).values >= m - TOL).all()
+
+
+@pytest.mark.parametrize("threat_kind", THREATS)
+@pytest.mark.parametrize("method", certlab.METHODS)
+def test_float64_bounds(method, threat_kind):
+    """Every relaxation runs in float64 (docs/architecture.md, "Floating point"): float64 bounds of a float64 copy
+    contain the float64 outputs at tight tolerance and agree with the float32 bounds to float32 rounding."""
+    import copy
+
+    model = cnn(5, bn=True, residual=True, normalize=True).eval()
+    x = torch.rand(2, 1, 6, 6)
+    th = threat_for(threat_kind, x, 0.05 if threat_kind == "linf" else 0.15, seed=5)
+    m64, x64 = copy.deepcopy(model).double(), x.double()
+    b32 = certlab.bounds(model, x, th, method=method)
+    b64 = certlab.bounds(m64, x64, th, method=method)
+    assert b64.lower.dtype == b64.upper.dtype == torch.float64
+    pts = _points(m64, x64, th, 5)
+    assert pts.dtype == torch.float64
+    with torch.no_grad():
+        out = m64(pts.reshape(-1, *x.shape[1:])).reshape(pts.shape[0], x.shape[0], -1)
+    assert (out >= b64.lower - 1e-12).all() and (out <= b64.upper + 1e-12).all()
+    scale = 1 + b64.upper.abs().amax() + b64.lower.abs().amax()
+    tol = 1e-5 * scale if method != "alpha-crown" else 1e-2 * scale  # α-CROWN's optimised slopes differ slightly
+    assert (b32.lower.double() - b64.lower).abs().max() <= tol and (b32.upper.double() - b64.upper).abs().max() <= tol
