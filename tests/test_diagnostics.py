@@ -1,5 +1,7 @@
 """Relaxation diagnostics: orderings that theory guarantees, and the CLI table."""
 
+import json
+
 import pytest
 import torch
 
@@ -70,3 +72,20 @@ def test_diagnose_and_certify_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert len(res.read_text().splitlines()) == 9 and "verified" in out
     assert main(["certify", str(run), "--method", "crown", "--eps", "0.05", "--n", "9", "--out", str(res)]) == 2
+    # --float64: the same statuses as float32 on this small net, its own default file, never mixed with float32 lines
+    for method in ("crown", "bab"):
+        assert main(["certify", str(run), "--method", method, "--eps", "0.05", "--n", "9", "--timeout", "5",
+                     "--float64", "--no-progress"]) == 0
+        f64 = run / f"certify_{method}_{cfg.norm}_0.05_float64.jsonl"
+        recs = [json.loads(line) for line in f64.read_text().splitlines()]
+        assert len(recs) == 9 and {r["dtype"] for r in recs} == {"float64"}
+    assert [r["status"] for r in recs] == [json.loads(line)["status"] for line in res.read_text().splitlines()]
+    capsys.readouterr()
+    assert main(["certify", str(run), "--method", "bab", "--eps", "0.05", "--n", "9", "--out", str(f64)]) == 2
+    assert "float64" in capsys.readouterr().err
+    # result files written before the dtype key existed read as float32
+    old = [{k: v for k, v in json.loads(line).items() if k != "dtype"} for line in res.read_text().splitlines()]
+    res.write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert main(["certify", str(run), "--method", "bab", "--eps", "0.05", "--n", "9", "--out", str(res),
+                 "--no-progress"]) == 0
+    assert len(res.read_text().splitlines()) == 9

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint")
     p.add_argument("--batch", type=int, default=256, help="samples per batch for the relaxations")
     p.add_argument("--max-nodes", type=int, default=100000, help="bab: subdomains per sample")
+    p.add_argument("--float64", action="store_true",
+                   help="compute in float64 (model and data): certificates with float32 rounding to spare")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 is much faster on a busy machine)")
@@ -77,6 +79,9 @@ def atomic_write(path: str, text: str) -> None:
         raise
 
 
+SETTING_DEFAULTS = {"dtype": "float32"}  # what a result line written before the key existed means
+
+
 def read_results(path: str, setting: dict) -> dict:
     """{index: record} already in ``path`` for the same setting; another setting → CertlabError."""
     if not os.path.exists(path):
@@ -91,7 +96,7 @@ def read_results(path: str, setting: dict) -> dict:
                 idx = int(rec["index"])
             except (ValueError, KeyError, TypeError):
                 raise CertlabError(f"{path}:{no} is not a certify result line; remove the file or pass --out") from None
-            other = {k: rec.get(k) for k in setting}
+            other = {k: rec.get(k, SETTING_DEFAULTS.get(k)) for k in setting}
             if other != setting:
                 raise CertlabError(f"{path} holds results for {other}, not {setting}; pass another --out")
             out[idx] = rec
@@ -139,9 +144,13 @@ def certify_cmd(args) -> int:
     if not eps >= 0:
         raise CertlabError(f"--eps must be >= 0, got {eps}")
     maker = maker_for(norm)
+    dtype = torch.float64 if args.float64 else torch.float32
+    if args.float64:
+        model = model.double()
     n = len(test) if args.n is None else min(args.n, len(test))
-    out = args.out or os.path.join(args.run_dir, f"certify_{method}_{norm}_{eps:g}.jsonl")
-    setting = {"method": method, "norm": norm, "eps": eps}
+    suffix = "_float64" if args.float64 else ""
+    out = args.out or os.path.join(args.run_dir, f"certify_{method}_{norm}_{eps:g}{suffix}.jsonl")
+    setting = {"method": method, "norm": norm, "eps": eps, "dtype": str(dtype).replace("torch.", "")}
     done = read_results(out, setting)
     todo = [i for i in range(n) if i not in done]
     chunk = {"milp": 1, "lp": 1, "bab": min(args.batch, 32)}.get(method, args.batch)
@@ -150,7 +159,7 @@ def certify_cmd(args) -> int:
     try:
         for s in range(0, len(todo), chunk):
             idx = torch.tensor(todo[s:s + chunk])
-            x, y = test.x[idx], test.y[idx]
+            x, y = test.x[idx].to(dtype), test.y[idx]
             res = verify_any(model, x, y, maker(x, eps), method, timeout=args.timeout, **kw)
             for i, r in zip(idx.tolist(), res):
                 done[i] = {"index": i, "label": int(test.y[i]), **setting, **r.to_dict()}
@@ -162,7 +171,7 @@ def certify_cmd(args) -> int:
     for i in range(n):
         counts[done[i]["status"]] += 1
     total = max(n, 1)
-    print(f"certify {method} {norm} eps={eps:g} on {n} test samples of {args.run_dir}")
+    print(f"certify {method} {norm} eps={eps:g} ({setting['dtype']}) on {n} test samples of {args.run_dir}")
     for k, v in counts.items():
         print(f"  {k:9s} {v:6d}  ({100.0 * v / total:.1f}%)")
     print(f"results: {out}")
