@@ -144,13 +144,13 @@ def certify_cmd(args) -> int:
     if not eps >= 0:
         raise CertlabError(f"--eps must be >= 0, got {eps}")
     maker = maker_for(norm)
-    dtype = torch.float64 if args.float64 else torch.float32
-    if args.float64:
-        model = model.double()
+    dname = "float64" if args.float64 else "float32"
+    dtype = getattr(torch, dname)
+    model = model.to(dtype)
     n = len(test) if args.n is None else min(args.n, len(test))
     suffix = "_float64" if args.float64 else ""
     out = args.out or os.path.join(args.run_dir, f"certify_{method}_{norm}_{eps:g}{suffix}.jsonl")
-    setting = {"method": method, "norm": norm, "eps": eps, "dtype": str(dtype).replace("torch.", "")}
+    setting = {"method": method, "norm": norm, "eps": eps, "dtype": dname}
     done = read_results(out, setting)
     todo = [i for i in range(n) if i not in done]
     chunk = {"milp": 1, "lp": 1, "bab": min(args.batch, 32)}.get(method, args.batch)
