@@ -83,6 +83,26 @@ def test_unsupported_layer_names_path_and_type(model, where, method):
         certlab.bounds(model, torch.rand(2, 4), certlab.LinfBall(0.1), method=method)
 
 
+def test_forward_patched_on_an_instance_or_later_is_refused():
+    """A layer whose forward was replaced on the instance, or on its class after a first bound call (the layer-class
+    lookup is cached per type), is refused, not bounded as the layer it used to be."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.rand(2, 4)
+    certlab.bounds(model, x, certlab.LinfBall(0.1), method="ibp")
+    model[1].forward = lambda z: z  # the model now computes no ReLU
+    with pytest.raises(UnsupportedLayerError, match="'1' .*overrides forward"):
+        certlab.bounds(model, x, certlab.LinfBall(0.1), method="ibp")
+
+    class Late(nn.ReLU):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 5), Late(), nn.Linear(5, 3))
+    certlab.bounds(model, x, certlab.LinfBall(0.1), method="ibp")
+    Late.forward = lambda self, z: z
+    with pytest.raises(UnsupportedLayerError, match="overrides forward"):
+        certlab.bounds(model, x, certlab.LinfBall(0.1), method="ibp")
+
+
 @pytest.mark.parametrize("train_mode", [True, False])
 @pytest.mark.parametrize("method", certlab.METHODS)
 def test_gradients_reach_every_parameter(method, train_mode):

@@ -47,6 +47,37 @@ def test_from_dense_keeps_rows_and_shares_a_broadcast_set():
     assert s.table.shape == (3, 6) and torch.equal(s.dense(), shared)
 
 
+def test_margin_rows_written_out_are_recognised_exactly(monkeypatch):
+    """A margin specification written out per sample is recognised as the K² difference rows and an index, and the
+    folded op then takes the table path for radii with the same results; any row that is not exactly some
+    e_i − e_j (or zero) keeps the per-sample rows; a C that needs a gradient is left as it is."""
+    g = torch.Generator().manual_seed(4)
+    B, K, n = 24, 10, 7  # 216 rows: enough for the 100-row table to be used
+    y = torch.randint(0, K, (B,), generator=g)
+    C = margin_spec(y, K, torch.float32)
+    keep = torch.ones(B, K, dtype=torch.bool)
+    keep[torch.arange(B), y] = False
+    C9 = C[keep].reshape(B, K - 1, K)  # without the zero rows, as benchmarks and auto_LiRPA users pass it
+    for dense in (C, C9):
+        s = spec_mod.as_differences(dense)
+        assert s.table.shape == (K * K, K) and torch.equal(s.dense(), dense)
+    for bad in (2 * C9, C9 + 1e-7 * torch.randn(C9.shape, generator=g), torch.eye(K)[y].unsqueeze(1).repeat(1, 9, 1)):
+        assert spec_mod.as_differences(bad) is None
+    assert spec_mod.as_differences(C9.clone().requires_grad_()) is None
+    assert spec_mod.from_dense(C9).table.shape == (B * (K - 1), K)  # from_dense itself never searches
+
+    V, a, r = torch.randn(K, n, generator=g), torch.randn(K, generator=g), torch.rand(B, n, generator=g)
+    want = torch.einsum("bsn,bn->bs", (C9 @ V).abs(), r)
+    for work, tabled in ((0, True), (10**9, False)):
+        monkeypatch.setattr(SpecLinearOp, "DETECT_MIN_WORK", work)
+        op = SpecLinearOp(spec_mod.from_dense(C9), V, a)
+        assert not op.tabled
+        torch.testing.assert_close(op.absfwd(r), want)
+        assert op.tabled == tabled and op.table.shape[0] == (K * K if tabled else B * (K - 1))
+        torch.testing.assert_close(op.sqfwd(r), torch.einsum("bsn,bn->bs", (C9 @ V) ** 2, r))
+        torch.testing.assert_close(op.back(torch.ones(B, 1, K - 1)), torch.ones(B, 1, K - 1) @ (C9 @ V))
+
+
 @pytest.mark.parametrize("tabled", [True, False])
 @pytest.mark.parametrize("with_layer", [True, False])
 def test_spec_linear_op_equals_per_sample_maps(tabled, with_layer, monkeypatch):

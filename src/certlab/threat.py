@@ -105,7 +105,8 @@ class ThreatSet:
         mn, mx = (v.item() for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
         if not (math.isfinite(mn) and math.isfinite(mx)):
             raise InputError("x contains NaN or inf")
-        self.eps_vector(x)
+        if isinstance(self.eps, torch.Tensor) and self.eps.shape[0] != x.shape[0]:
+            self.eps_vector(x)  # raises, naming both sizes
         if self.domain is not None and x.numel():
             lo, hi = self.domain
             if mn < lo - _DOMAIN_TOL or mx > hi + _DOMAIN_TOL:

@@ -68,7 +68,7 @@ def compute(model, x, threat, method="crown", C=None, lower_only=False, **opts) 
     if C is not None:
         g = fold_spec(g, C)
     low, up = RELAXATIONS[method].compute(g, x, threat, lower_only=lower_only, **opts)
-    if not torch.isfinite(low).all() or (up is not None and not torch.isfinite(up).all()):
+    if not core.all_finite(low) or (up is not None and not core.all_finite(up)):
         raise InputError("bounds are not finite (overflow in the model's weights or inputs)")
     return Bounds(low, up)
 
@@ -95,7 +95,7 @@ def margins(model, x, y, threat, method="crown", **opts) -> torch.Tensor:
     y = core.check_labels(y, x.shape[0], K, x.device)
     low, _ = RELAXATIONS[method].compute(fold_spec(g, spec.margin_table(y, K, x.dtype)), x, threat, lower_only=True,
                                          **opts)
-    if not torch.isfinite(low).all():
+    if not core.all_finite(low):
         raise InputError("margin bounds are not finite (overflow in the model's weights or inputs)")
     return low.masked_fill(torch.nn.functional.one_hot(y, K).bool(), 0.0)
 

@@ -11,6 +11,7 @@ current batch (the ones the forward pass uses) in train mode, computed from the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -62,11 +63,6 @@ def _uses_batch_stats(model: nn.Module) -> bool:
     )
 
 
-def _own_forward(module: nn.Module, base: type) -> bool:
-    """True when a subclass overrides forward (we cannot see what it computes)."""
-    return type(module).forward is not base.forward
-
-
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
@@ -77,6 +73,25 @@ def _conv_out(where, kind, size, k, stride, pad, dil=(1, 1)):
     if min(out) < 1:
         raise InputError(f"layer '{where}' ({kind}): input of size {tuple(size)} is smaller than its window")
     return out
+
+
+_BASES = (nn.Sequential, cnn.Residual, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d,
+          nn.AvgPool2d, nn.Identity, nn.Dropout, cnn.Normalize)
+_OWN_FORWARD = object()  # marks a layer whose forward is not its supported class's (we cannot see what it does)
+_BASE_CACHE: dict = {}
+
+
+def _base_of(m: nn.Module):
+    """The supported layer class m is an instance of, None when there is none, or _OWN_FORWARD when a subclass or
+    the instance itself overrides forward. The class lookup is cached per type (this runs for every layer on every
+    bound call); the forward checks are not, so a forward patched later is still caught."""
+    t = type(m)
+    base = _BASE_CACHE.get(t, _BASES)
+    if base is _BASES:
+        base = _BASE_CACHE[t] = next((b for b in _BASES if isinstance(m, b)), None)
+    if base is not None and (t.forward is not base.forward or "forward" in m.__dict__):
+        return _OWN_FORWARD
+    return base
 
 
 class _Builder:
@@ -90,17 +105,14 @@ class _Builder:
         """Append the nodes of module m applied to node idx (per-sample shape ``shape``, value ``val`` or None).
         Returns (idx, val, shape) of the result."""
         where = path or "<model>"
-        for base in (nn.Sequential, cnn.Residual, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d,
-                     nn.BatchNorm2d, nn.AvgPool2d, nn.Identity, nn.Dropout, cnn.Normalize):
-            if isinstance(m, base):
-                if _own_forward(m, base):
-                    raise UnsupportedLayerError(
-                        f"layer '{where}' ({type(m).__name__}) overrides forward(); the bound engine supports {SUPPORTED}"
-                    )
-                break
-        else:
+        base = _base_of(m)
+        if base is None:
             raise UnsupportedLayerError(
                 f"layer '{where}' of type {type(m).__name__} is not supported by the bound engine; supported: {SUPPORTED}"
+            )
+        if base is _OWN_FORWARD:
+            raise UnsupportedLayerError(
+                f"layer '{where}' ({type(m).__name__}) overrides forward(); the bound engine supports {SUPPORTED}"
             )
         sub = (lambda n: f"{path}.{n}" if path else n)
         if isinstance(m, nn.Sequential):
@@ -223,6 +235,15 @@ def validate(model, x, threat) -> None:
     threat.validate(x)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when t holds no NaN or ±inf. One reduction (aminmax propagates NaN, and ±inf shows in the min or the
+    max) instead of isfinite's four elementwise kernels and an ``all``."""
+    if t.numel() == 0:
+        return True
+    mn, mx = torch.aminmax(t.detach())
+    return math.isfinite(mn.item()) and math.isfinite(mx.item())
+
+
 def output_dim(g: Graph) -> int:
     s = g.nodes[-1].shape
     if len(s) != 1:
@@ -240,9 +261,10 @@ def check_spec(C, B: int, K: int, like: torch.Tensor) -> torch.Tensor | None:
         C = C.unsqueeze(0).expand(B, -1, -1)
     if C.dim() != 3 or C.shape[0] != B or C.shape[2] != K:
         raise InputError(f"C must have shape [B={B}, S, K={K}] or [S, K={K}], got {tuple(C.shape)}")
-    if not torch.isfinite(C).all():
+    C = C.to(device=like.device, dtype=like.dtype)
+    if not all_finite(C):
         raise InputError("C contains NaN or inf")
-    return C.to(device=like.device, dtype=like.dtype)
+    return C
 
 
 def check_labels(y, B: int, K: int, device) -> torch.Tensor:

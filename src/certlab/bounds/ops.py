@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from certlab.bounds.spec import as_differences
+
 
 class AffineOp:
     in_shape: tuple
@@ -104,6 +106,10 @@ class SpecLinearOp(AffineOp):
     batch), else per sample. Back-substitution starts from ``W`` [B, S, n] (made once, on first use)."""
 
     TABLE_MIN_REPEAT = 2
+    # per-sample rows are checked for being margin rows (spec.as_differences) before the first radius map when the
+    # per-sample radius products are at least this many values (B·S·n): below it the check costs more than it saves
+    # on this CPU (measured: break-even near B = 64 for n = 256, B = 128 for n = 100, 9 rows per sample)
+    DETECT_MIN_WORK = 150_000
 
     def __init__(self, spec, weight=None, bias=None):
         self.table, self.index = spec
@@ -111,7 +117,20 @@ class SpecLinearOp(AffineOp):
         K = self.table.shape[1]
         self.in_shape, self.out_shape = ((K,) if weight is None else (weight.shape[1],)), (self.index.shape[1],)
         self.tabled = self.table.shape[0] * self.TABLE_MIN_REPEAT <= self.index.numel()
+        self._detect = not self.tabled and self.table.shape[0] == self.index.numel()  # per-sample rows
         self._C = self._W = self._b = self._Wt = None
+
+    def _table_for_radii(self) -> bool:
+        """True when the radius maps take the table path; per-sample rows that are all margin rows switch to it
+        (once, on first use: back-substitution never needs it)."""
+        if self._detect:
+            self._detect = False
+            if self.index.numel() * self.in_shape[0] >= self.DETECT_MIN_WORK:
+                found = as_differences(self.C)
+                if found is not None and found.table.shape[0] * self.TABLE_MIN_REPEAT <= self.index.numel():
+                    self.table, self.index = found
+                    self.tabled, self._Wt = True, None
+        return self.tabled
 
     @property
     def C(self):  # [B, S, K]
@@ -155,12 +174,12 @@ class SpecLinearOp(AffineOp):
         return out.expand(self.index.shape[0], -1).gather(1, self.index)
 
     def absfwd(self, r):  # r: [B or 1, n] (ℓ2 row-norm bounds are shared by the batch)
-        if self.tabled:
+        if self._table_for_radii():
             return self._pick(F.linear(r, self.Wt.abs()))
         return (self.W.abs() * r.unsqueeze(1)).sum(-1)  # a multiply and a sum: ~2× faster than B matrix-vector bmms
 
     def sqfwd(self, v):
-        if self.tabled:
+        if self._table_for_radii():
             return self._pick(F.linear(v, self.Wt * self.Wt))
         return (self.W * self.W * v.unsqueeze(1)).sum(-1)
 
