@@ -103,6 +103,28 @@ def test_forward_patched_on_an_instance_or_later_is_refused():
         certlab.bounds(model, x, certlab.LinfBall(0.1), method="ibp")
 
 
+def test_forward_hooks_are_refused():
+    """A forward hook or pre-hook may change a layer's output (returning a new value, or editing it in place), and
+    the bound engine does not run it: bounding such a model would bound another function. Refused, naming the
+    layer; a removed hook is no obstacle."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, th = torch.rand(2, 4), certlab.LinfBall(0.1)
+    for register, hook in ((model[2].register_forward_hook, lambda mod, inp, out: out * 10),
+                           (model[2].register_forward_pre_hook, lambda mod, inp: (inp[0] * 10,))):
+        h = register(hook)
+        with pytest.raises(UnsupportedLayerError, match="'2' .*forward hooks"):
+            certlab.bounds(model, x, th, method="crown")
+        h.remove()
+        certlab.bounds(model, x, th, method="crown")
+    h = nn.modules.module.register_module_forward_hook(lambda mod, inp, out: None)
+    try:
+        with pytest.raises(UnsupportedLayerError, match="global module forward hooks"):
+            certlab.bounds(model, x, th, method="ibp")
+    finally:
+        h.remove()
+    certlab.bounds(model, x, th, method="ibp")
+
+
 @pytest.mark.parametrize("train_mode", [True, False])
 @pytest.mark.parametrize("method", certlab.METHODS)
 def test_gradients_reach_every_parameter(method, train_mode):

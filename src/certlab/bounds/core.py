@@ -114,6 +114,11 @@ class _Builder:
             raise UnsupportedLayerError(
                 f"layer '{where}' ({type(m).__name__}) overrides forward(); the bound engine supports {SUPPORTED}"
             )
+        if getattr(m, "_forward_hooks", None) or getattr(m, "_forward_pre_hooks", None):
+            raise UnsupportedLayerError(
+                f"layer '{where}' ({type(m).__name__}) has forward hooks, which may change what it computes (e.g. the "
+                "old torch.nn.utils.spectral_norm); the bound engine cannot see them: remove them before bounding"
+            )
         sub = (lambda n: f"{path}.{n}" if path else n)
         if isinstance(m, nn.Sequential):
             for name, child in m.named_children():
@@ -213,6 +218,11 @@ def build_graph(model: nn.Module, x: torch.Tensor, full: bool = False) -> Graph:
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(getattr(nn.modules.module, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        raise UnsupportedLayerError(
+            "global module forward hooks are registered (torch.nn.modules.module.register_module_forward_hook), which "
+            "may change what every layer computes; the bound engine cannot see them: remove them before bounding"
+        )
     g = Graph()
     g.add(Node("input", (), None, "<input>", tuple(x.shape[1:])))
     batch_stats = _uses_batch_stats(model)
