@@ -89,3 +89,35 @@ def test_diagnose_and_certify_cli(tmp_path, capsys):
     assert main(["certify", str(run), "--method", "bab", "--eps", "0.05", "--n", "9", "--out", str(res),
                  "--no-progress"]) == 0
     assert len(res.read_text().splitlines()) == 9
+
+
+def test_certify_results_are_tied_to_the_checkpoint(tmp_path, capsys):
+    """Result lines name the checkpoint and its digest: --which best gets its own default file, and lines of a
+    checkpoint that changed since (the run trained further) are refused instead of mixed with the new model's."""
+    from certlab.cli import main
+    from certlab.train import TrainConfig, train
+    from certlab.train import checkpoint as ckpt
+
+    cfg = TrainConfig(dataset="spheres", data={"d": 4, "n": 100}, model="mlp", model_params={"hidden": [8]},
+                      epochs=1, lr=0.01, eps=0.05, batch_size=50, eval_n=5, eval_attacks=[], eval_certify=["ibp"])
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    args = ["certify", str(run), "--method", "ibp", "--eps", "0.05", "--n", "4", "--no-progress"]
+    assert main(args) == 0 and main(args + ["--which", "best"]) == 0
+    last = run / f"certify_ibp_{cfg.norm}_0.05.jsonl"
+    best = run / f"certify_ibp_{cfg.norm}_0.05_best.jsonl"
+    assert {json.loads(line)["checkpoint"] for line in last.read_text().splitlines()} == {"last"}
+    assert {json.loads(line)["checkpoint"] for line in best.read_text().splitlines()} == {"best"}
+    state = ckpt.load(run / "last.pt")
+    state["model"] = {k: v + 0.01 for k, v in state["model"].items()}
+    ckpt.save(run / "last.pt", state)
+    capsys.readouterr()
+    assert main(args + ["--n", "6"]) == 2
+    assert "earlier version of last.pt" in capsys.readouterr().err
+    # lines written before the keys existed: the checkpoint was then "best" by default, the digest is unknown
+    old = [{k: v for k, v in json.loads(line).items() if not k.startswith("checkpoint")}
+           for line in best.read_text().splitlines()]
+    best.write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert main(args + ["--which", "best", "--n", "6"]) == 0
+    assert len(best.read_text().splitlines()) == 6
+    assert main(args + ["--n", "6", "--out", str(best)]) == 2  # last's results never go into best's file

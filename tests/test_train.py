@@ -82,6 +82,47 @@ def test_train_rejects_unknown_dataset_and_model(tmp_path):
         train({"dataset": "linsep", "model": "transformer", "epochs": 1}, tmp_path / "b", progress=False)
 
 
+def test_val_split_holds_out_training_samples_for_model_selection(tmp_path, monkeypatch):
+    """val_split > 0: that many training samples (seeded, disjoint from the rest) are never trained on and are what
+    validation (best.pt) reads; 0: the first val_n test samples, as the summary says. Too large a split is an error."""
+    from certlab.train import loop
+
+    cfg = TrainConfig(dataset="linsep", data={"d": 4, "n": 60}, model="mlp", model_params={"hidden": [8]},
+                      epochs=2, batch_size=20, eval_certify=["ibp"], eval_attacks=[], val_n=10, val_split=15)
+    train_set, test_set, _ = loop.load_data(cfg)
+    xt, yt, xv, yv, desc = loop.split_validation(cfg, train_set, test_set)
+    assert xt.shape[0] == 45 and xv.shape[0] == 15 and "15 held-out training" in desc
+    rows = lambda a: {tuple(r.tolist()) for r in a}  # noqa: E731
+    assert rows(xt) | rows(xv) == rows(train_set.x) and not rows(xt) & rows(xv)
+    assert torch.equal(loop.split_validation(cfg, train_set, test_set)[2], xv)  # the same split every time
+    seen = {"train": [], "val": []}
+    real_validate = loop._validate
+
+    def spy_validate(model, cfg_, val, maker, device):
+        seen["val"].append(rows(val[0]))
+        return real_validate(model, cfg_, val, maker, device)
+
+    real_objective = loop.OBJECTIVES[cfg.objective]
+
+    def spy_objective(model, x, y, ctx):
+        seen["train"].append(rows(x))
+        return real_objective(model, x, y, ctx)
+
+    monkeypatch.setattr(loop, "_validate", spy_validate)
+    monkeypatch.setitem(loop.OBJECTIVES, cfg.objective, spy_objective)
+    summary = train(cfg, tmp_path / "split", progress=False)
+    assert summary["validation"] == desc
+    assert all(v == rows(xv) for v in seen["val"]) and len(seen["val"]) == 2
+    trained = set().union(*seen["train"])
+    assert trained == rows(xt)  # every kept sample, and no held-out one
+    summary = train(cfg.to_dict() | {"val_split": 0}, tmp_path / "test", progress=False)
+    assert summary["validation"] == "the first 10 test samples"
+    with pytest.raises(CertlabError, match="val_split=60 leaves no training samples"):
+        train(cfg.to_dict() | {"val_split": 60}, tmp_path / "bad", progress=False)
+    with pytest.raises(CertlabError, match="val_split must be"):
+        TrainConfig(val_split=-1)
+
+
 # -- objectives -----------------------------------------------------------------------------------------------
 def _toy(n=128, d=6, seed=0):
     ds = cdata.load("linsep", "train", d=d, n=n, margin=1.0, sigma=0.5, seed=seed)

@@ -123,7 +123,8 @@ def register(subparsers) -> None:
     e.add_argument("--restarts", type=int, help="random restarts of each attack (default: the run's eval_restarts, 1)")
     e.add_argument("--n", type=int, help="first N test samples only")
     e.add_argument("--acr", action="store_true", default=None, help="also compute the average certified radius")
-    e.add_argument("--which", choices=("best", "last"), default="last")
+    e.add_argument("--which", choices=("best", "last"), default="last",
+                   help="checkpoint: last (default) or best (see certlab certify --help)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", choices=("cpu", "cuda"))
     e.add_argument("--output", "-o", help="where to write the JSON result (default: RUN_DIR/eval.json)")

@@ -79,7 +79,8 @@ class TrainConfig:
     eval_restarts: int = 1  # random restarts of each evaluation attack (later ones re-attack only the unfooled)
     eval_n: int | None = None
     eval_acr: bool = False
-    val_n: int = 500
+    val_n: int = 500  # samples for per-epoch validation and model selection (best.pt)
+    val_split: int = 0  # >0: hold out this many training samples (not trained on) for it; 0: first val_n test samples
 
     def __post_init__(self):
         self.validate()
@@ -173,6 +174,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "k", "attack_steps", "attack_restarts", "eval_restarts", "val_n"):
             number(name, 1, integer=True)
         number("eval_n", 1, integer=True, optional=True)
+        number("val_split", 0, integer=True)
         number("seed", 0, integer=True)
         number("lr", 0.0, strict=True)
         for name in ("momentum", "weight_decay", "lr_gamma", "eps_start_epoch", "eps_ramp_epochs", "trades_beta",

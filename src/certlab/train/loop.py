@@ -8,10 +8,11 @@ Reproducibility: all seeds come from ``cfg.seed``; batches are drawn from a priv
 at the end of every epoch, so a run killed at any moment and resumed with ``resume=True`` continues from the last
 completed epoch and ends with the same weights as an uninterrupted run (on the same device and thread count).
 
-Model selection: after each epoch the model is validated on the first ``val_n`` test samples (clean error for
-``standard``, PGD-10 robust error for ``pgd``/``trades``, certified error by the training relaxation otherwise, at
-the evaluation ε); ``best.pt`` keeps the best epoch once the ε ramp is complete. The final evaluation (``eval.json``)
-uses the last epoch's model, not the selected one.
+Model selection: after each epoch the model is validated (clean error for ``standard``, PGD-10 robust error for
+``pgd``/``trades``, certified error by the training relaxation otherwise, at the evaluation ε) on ``val_split``
+training samples held out from training when ``val_split`` > 0, else on the first ``val_n`` test samples;
+``best.pt`` keeps the best epoch once the ε ramp is complete. Selected on test samples, ``best.pt``'s test numbers
+are optimistic, so the final evaluation (``eval.json``) and the commands default to the last epoch's model.
 """
 
 from __future__ import annotations
@@ -66,12 +67,29 @@ def _bar(total, desc, enabled):
 
 
 @torch.no_grad()
-def _validate(model, cfg, test, maker, device):
-    """(clean error, robust-or-certified error or None, unstable ReLUs per sample or None) on the first val_n test
-    samples. Unstable ReLUs: crossing neurons of the IBP pre-activation bounds at the evaluation ε (De Bartolomeis
-    et al., Eq. 3), logged every epoch so studies can plot them over training."""
-    n = min(cfg.val_n, len(test))
-    x, y = test.x[:n].to(device), test.y[:n].to(device)
+def split_validation(cfg, train_set, test_set):
+    """(training tensors x, y; validation tensors x, y; description). With ``val_split`` > 0 a seeded random subset of
+    that many training samples is held out (the rest keep their order); else validation reads the first ``val_n``
+    test samples."""
+    N = len(train_set)
+    if cfg.val_split:
+        if cfg.val_split >= N:
+            raise CertlabError(f"val_split={cfg.val_split} leaves no training samples ({N} in the training set)")
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed + 104729))
+        held = torch.zeros(N, dtype=torch.bool)
+        held[perm[:cfg.val_split]] = True
+        return (train_set.x[~held], train_set.y[~held], train_set.x[held], train_set.y[held],
+                f"{cfg.val_split} held-out training samples")
+    n = min(cfg.val_n, len(test_set))
+    return train_set.x, train_set.y, test_set.x[:n], test_set.y[:n], f"the first {n} test samples"
+
+
+def _validate(model, cfg, val, maker, device):
+    """(clean error, robust-or-certified error or None, unstable ReLUs per sample or None) on the validation samples
+    ``val`` = (x, y). Unstable ReLUs: crossing neurons of the IBP pre-activation bounds at the evaluation ε
+    (De Bartolomeis et al., Eq. 3), logged every epoch so studies can plot them over training."""
+    x, y = val[0].to(device), val[1].to(device)
+    n = x.shape[0]
     model.eval()
     eps = cfg.final_eval_eps
     wrong = torch.zeros(n, dtype=torch.bool, device=device)
@@ -128,12 +146,13 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     train_set, test_set, info = load_data(cfg)
+    x_train, y_train, x_val, y_val, val_desc = split_validation(cfg, train_set, test_set)
     ds = dataset_record(cfg, info)
     model = build_model(cfg.model, cfg.model_params, ds, cfg.normalize).to(device)
     if cfg.ibp_init:
         models.init_ibp_(model)
     opt = make_optimizer(cfg, model.parameters())
-    N = len(train_set)
+    N = x_train.shape[0]
     steps = len(batches(torch.arange(N), cfg.batch_size))
     sched, per_batch = make_scheduler(cfg, opt, steps)
     loader_gen = torch.Generator().manual_seed(cfg.seed)
@@ -154,7 +173,7 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
 
     maker = ThreatMaker(cfg.norm, info.name, info, cfg.k, cfg.seed, cfg.segment_dirs)
     objective = OBJECTIVES[cfg.objective]
-    x_all, y_all = train_set.x.to(device), train_set.y.to(device)
+    x_all, y_all = x_train.to(device), y_train.to(device)
 
     def payload(epoch):
         return {"arch": cfg.model, "model_params": dict(cfg.model_params), "normalize": cfg.normalize,
@@ -203,7 +222,7 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
         bar.close()
         if sched is not None and not per_batch:
             sched.step()
-        val_clean, val_rob, val_unstable = _validate(model, cfg, test_set, maker, device)
+        val_clean, val_rob, val_unstable = _validate(model, cfg, (x_val, y_val), maker, device)
         t_end = epoch + 1
         record = {"epoch": epoch + 1, "loss": tot["loss"] / tot["n"], "train_acc": tot["correct"] / tot["n"],
                   "train_cert_acc": tot["certified"] / tot["n"] if has_cert else None,
@@ -228,7 +247,7 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
     if not os.path.exists(path["best"]) and os.path.exists(path["last"]):
         ckpt.save(path["best"], payload(cfg.epochs))
     summary = {"epochs": cfg.epochs, "last": history[-1] if history else None,
-               "train_time_s": sum(h["time_s"] for h in history)}
+               "train_time_s": sum(h["time_s"] for h in history), "validation": val_desc}
     if evaluate:
         from certlab.train.run import evaluate_run
 

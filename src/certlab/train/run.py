@@ -37,8 +37,10 @@ def load_checkpoint_model(state: dict, device="cpu"):
     return model.to(device).eval(), cfg
 
 
-def load_run(run_dir, which: str = "best", device="cpu"):
-    """(model in eval mode, TrainConfig) of the run in ``run_dir``; corrupt/foreign checkpoint → CheckpointError."""
+def load_run(run_dir, which: str = "last", device="cpu"):
+    """(model in eval mode, TrainConfig) of the run in ``run_dir``; corrupt/foreign checkpoint → CheckpointError.
+    ``which``: "last" (the final epoch) or "best" (selected on validation samples — the first ``val_n`` test samples
+    unless the run held out ``val_split`` training samples — so its test numbers are then optimistic)."""
     return load_checkpoint_model(ckpt.load(_ckpt_path(run_dir, which)), device)
 
 

@@ -9,6 +9,9 @@ import tempfile
 
 from certlab.errors import CertlabError
 
+WHICH_HELP = ("checkpoint: last (default) or best (selected on validation samples: the first val_n test samples "
+              "unless the run held out val_split training samples)")
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("certify", help="verify test samples of a trained run (verified/falsified/unknown)")
@@ -19,8 +22,8 @@ def register(subparsers) -> None:
                    help="bab | milp | lp | ibp | hbox | deepz | fastlin | crown | crown-ibp | alpha-crown")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per sample (bab, milp, lp)")
     p.add_argument("--n", type=int, default=None, help="first N test samples (default: all)")
-    p.add_argument("--out", default=None, help="JSON-lines output (default: RUN_DIR/certify_<method>_<norm>_<eps>.jsonl)")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint")
+    p.add_argument("--out", default=None, help="JSON-lines output (default: RUN_DIR/certify_<method>_<norm>_<eps>[_float64][_best].jsonl)")
+    p.add_argument("--which", choices=("best", "last"), default="last", help=WHICH_HELP)
     p.add_argument("--batch", type=int, default=256, help="samples per batch for the relaxations")
     p.add_argument("--max-nodes", type=int, default=100000, help="bab: subdomains per sample")
     p.add_argument("--float64", action="store_true",
@@ -38,7 +41,7 @@ def register(subparsers) -> None:
     d.add_argument("--n", type=int, default=64, help="test samples")
     d.add_argument("--lp-samples", type=int, default=4, help="samples for the gap to the LP optimum (0: skip)")
     d.add_argument("--grid", type=int, default=41, help="points of the continuity scan")
-    d.add_argument("--which", choices=("best", "last"), default="best")
+    d.add_argument("--which", choices=("best", "last"), default="last", help=WHICH_HELP)
     d.add_argument("--json", default=None, help="also write the rows to this JSON file")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     d.set_defaults(func=diagnose_cmd)
@@ -49,12 +52,12 @@ def register(subparsers) -> None:
     e.add_argument("--vnnlib", default=None, help="output .vnnlib file (needs --eps)")
     e.add_argument("--index", type=int, default=0, help="test sample for the VNN-LIB property")
     e.add_argument("--eps", type=float, default=None, help="l_inf radius of the property (default: the run's)")
-    e.add_argument("--which", choices=("best", "last"), default="best")
+    e.add_argument("--which", choices=("best", "last"), default="last", help=WHICH_HELP)
     e.set_defaults(func=export_cmd)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-def load(run_dir, which="best"):
+def load(run_dir, which="last"):
     """(model, cfg, test set, ThreatMaker) of a run."""
     from certlab.train import load_run
     from certlab.train.setup import load_data
@@ -79,7 +82,22 @@ def atomic_write(path: str, text: str) -> None:
         raise
 
 
-SETTING_DEFAULTS = {"dtype": "float32"}  # what a result line written before the key existed means
+# what a result line written before the key existed means (the checkpoint: the default of the time; the
+# checkpoint's digest: unknown, so not compared)
+SETTING_DEFAULTS = {"dtype": "float32", "checkpoint": "best"}
+UNRECORDED = {"checkpoint_sha256"}
+
+
+def checkpoint_digest(run_dir, which) -> str:
+    """First 16 hex digits of the SHA-256 of the run's checkpoint file: result lines of a model that was trained
+    further (or replaced) since are never mixed with the new model's."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(os.path.join(run_dir, f"{which}.pt"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def read_results(path: str, setting: dict) -> dict:
@@ -96,8 +114,11 @@ def read_results(path: str, setting: dict) -> dict:
                 idx = int(rec["index"])
             except (ValueError, KeyError, TypeError):
                 raise CertlabError(f"{path}:{no} is not a certify result line; remove the file or pass --out") from None
-            other = {k: rec.get(k, SETTING_DEFAULTS.get(k)) for k in setting}
-            if other != setting:
+            other = {k: rec.get(k, SETTING_DEFAULTS.get(k)) for k in setting if k in rec or k not in UNRECORDED}
+            if other != {k: setting[k] for k in other}:
+                if {k for k in other if other[k] != setting[k]} == {"checkpoint_sha256"}:
+                    raise CertlabError(f"{path} holds results for an earlier version of {setting['checkpoint']}.pt "
+                                       "(the run changed since); remove the file or pass another --out")
                 raise CertlabError(f"{path} holds results for {other}, not {setting}; pass another --out")
             out[idx] = rec
     return out
@@ -148,9 +169,10 @@ def certify_cmd(args) -> int:
     dtype = getattr(torch, dname)
     model = model.to(dtype)
     n = len(test) if args.n is None else min(args.n, len(test))
-    suffix = "_float64" if args.float64 else ""
+    suffix = ("_float64" if args.float64 else "") + ("_best" if args.which == "best" else "")
     out = args.out or os.path.join(args.run_dir, f"certify_{method}_{norm}_{eps:g}{suffix}.jsonl")
-    setting = {"method": method, "norm": norm, "eps": eps, "dtype": dname}
+    setting = {"method": method, "norm": norm, "eps": eps, "dtype": dname, "checkpoint": args.which,
+               "checkpoint_sha256": checkpoint_digest(args.run_dir, args.which)}
     done = read_results(out, setting)
     todo = [i for i in range(n) if i not in done]
     chunk = {"milp": 1, "lp": 1, "bab": min(args.batch, 32)}.get(method, args.batch)
@@ -171,7 +193,8 @@ def certify_cmd(args) -> int:
     for i in range(n):
         counts[done[i]["status"]] += 1
     total = max(n, 1)
-    print(f"certify {method} {norm} eps={eps:g} ({setting['dtype']}) on {n} test samples of {args.run_dir}")
+    print(f"certify {method} {norm} eps={eps:g} ({setting['dtype']}) on {n} test samples of {args.run_dir} "
+          f"({args.which}.pt)")
     for k, v in counts.items():
         print(f"  {k:9s} {v:6d}  ({100.0 * v / total:.1f}%)")
     print(f"results: {out}")
