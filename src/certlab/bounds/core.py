@@ -56,13 +56,6 @@ class Graph:
         return len(self.nodes) - 1
 
 
-def _uses_batch_stats(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and (m.training or not m.track_running_stats)
-        for m in model.modules()
-    )
-
-
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
@@ -120,11 +113,11 @@ class _Builder:
                 "old torch.nn.utils.spectral_norm); the bound engine cannot see them: remove them before bounding"
             )
         sub = (lambda n: f"{path}.{n}" if path else n)
-        if isinstance(m, nn.Sequential):
+        if base is nn.Sequential:
             for name, child in m.named_children():
                 idx, val, shape = self.walk(child, sub(name), idx, val, shape)
             return idx, val, shape
-        if isinstance(m, cnn.Residual):
+        if base is cnn.Residual:
             a, va, sa = self.walk(m.body, sub("body"), idx, val, shape)
             b, vb, sb = self.walk(m.shortcut, sub("shortcut"), idx, val, shape)
             if sa != sb:
@@ -133,22 +126,22 @@ class _Builder:
                 two = ChannelAffineOp(self.like.new_tensor(2.0), self.like.new_tensor(0.0), shape)
                 return self._affine(two, where, idx, val, shape)
             return self.g.add(Node("add", (a, b), None, where, sa)), (None if val is None else va + vb), sa
-        if isinstance(m, (nn.Identity, nn.Dropout)):
+        if base is nn.Identity or base is nn.Dropout:
             return idx, val, shape
-        if isinstance(m, nn.ReLU):
+        if base is nn.ReLU:
             return self.g.add(Node("relu", (idx,), None, where, shape)), (None if val is None else torch.relu(val)), shape
-        if isinstance(m, nn.Linear):
+        if base is nn.Linear:
             if len(shape) != 1 or shape[0] != m.in_features:
                 raise InputError(f"layer '{where}' (Linear) expects {m.in_features} features but receives shape {shape}")
             return self._affine(LinearOp(m.weight, m.bias), where, idx, val, (m.out_features,))
-        if isinstance(m, nn.Flatten):
+        if base is nn.Flatten:
             if m.start_dim != 1 or m.end_dim != -1:
                 raise UnsupportedLayerError(f"layer '{where}' (Flatten) must flatten from dim 1 to -1")
             n = 1
             for s in shape:
                 n *= s
             return self._affine(ReshapeOp(shape, (n,)), where, idx, val, (n,))
-        if isinstance(m, nn.Conv2d):
+        if base is nn.Conv2d:
             if len(shape) != 3 or shape[0] != m.in_channels:
                 raise InputError(f"layer '{where}' (Conv2d) expects [{m.in_channels}, H, W] but receives shape {shape}")
             if m.padding_mode != "zeros":
@@ -162,7 +155,7 @@ class _Builder:
             out = (m.out_channels, *_conv_out(where, "Conv2d", shape[1:], _pair(m.kernel_size), stride, padding, dilation))
             op = ConvOp(m.weight, m.bias, stride, padding, dilation, m.groups, shape, out)
             return self._affine(op, where, idx, val, out)
-        if isinstance(m, nn.AvgPool2d):
+        if base is nn.AvgPool2d:
             if len(shape) != 3:
                 raise InputError(f"layer '{where}' (AvgPool2d) expects [C, H, W] but receives shape {shape}")
             pad = _pair(m.padding)
@@ -178,11 +171,13 @@ class _Builder:
             w = self.like.new_full((C, 1, k[0], k[1]), 1.0 / (k[0] * k[1]))
             out = (C, *_conv_out(where, "AvgPool2d", shape[1:], k, stride, pad))
             return self._affine(ConvOp(w, None, stride, pad, (1, 1), C, shape, out), where, idx, val, out)
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if base is nn.BatchNorm1d or base is nn.BatchNorm2d:
             want = 3 if isinstance(m, nn.BatchNorm2d) else (1, 2)
             if (len(shape) != want if isinstance(want, int) else len(shape) not in want) or shape[0] != m.num_features:
                 raise InputError(f"layer '{where}' ({type(m).__name__}) expects {m.num_features} channels, receives shape {shape}")
-            if m.training or not m.track_running_stats:  # build_graph then always has the batch's values
+            if m.training or not m.track_running_stats:  # the batch's statistics: the walk needs the values
+                if val is None:
+                    raise _NeedValues
                 dims = [0] + list(range(2, val.dim()))
                 mean = val.mean(dims)
                 var = val.var(dims, unbiased=False)
@@ -195,7 +190,7 @@ class _Builder:
             if m.bias is not None:
                 shift = shift + m.bias
             return self._affine(ChannelAffineOp(scale, shift, shape), where, idx, val, shape)
-        if isinstance(m, cnn.Normalize):
+        if base is cnn.Normalize:
             if m.mean.numel() > 1 and m.mean.numel() != shape[0]:
                 raise InputError(f"layer '{where}' (Normalize) has {m.mean.numel()} channels but receives shape {shape}")
             return self._affine(ChannelAffineOp(1.0 / m.std, -m.mean / m.std, shape), where, idx, val, shape)
@@ -206,6 +201,17 @@ class _Builder:
             val = op.fwd(val)
             shape = tuple(val.shape[1:])
         return self.g.add(Node("affine", (idx,), op, where, shape)), val, shape
+
+
+class _NeedValues(Exception):
+    """Raised by a walk without values that meets a layer whose map depends on the batch (BatchNorm statistics)."""
+
+
+def _walk(model, x, with_values: bool):
+    g = Graph()
+    g.add(Node("input", (), None, "<input>", tuple(x.shape[1:])))
+    _, out, _ = _Builder(g, x).walk(model, "", 0, x if with_values else None, tuple(x.shape[1:]))
+    return g, out
 
 
 def build_graph(model: nn.Module, x: torch.Tensor, full: bool = False) -> Graph:
@@ -223,15 +229,15 @@ def build_graph(model: nn.Module, x: torch.Tensor, full: bool = False) -> Graph:
             "global module forward hooks are registered (torch.nn.modules.module.register_module_forward_hook), which "
             "may change what every layer computes; the bound engine cannot see them: remove them before bounding"
         )
-    g = Graph()
-    g.add(Node("input", (), None, "<input>", tuple(x.shape[1:])))
-    batch_stats = _uses_batch_stats(model)
-    full = full or batch_stats
-    if batch_stats and x.shape[0] < 2 and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training for m in model.modules()):
-        raise InputError("BatchNorm in train mode needs a batch of at least 2 samples; call model.eval() first")
     # the ops hold parameters (and BatchNorm's folded scale/shift) with the caller's grad mode, so bounds stay
-    # differentiable in every parameter; without ``full`` no forward pass runs (shapes follow from the layers)
-    _, out, _ = _Builder(g, x).walk(model, "", 0, x if full else None, tuple(x.shape[1:]))
+    # differentiable in every parameter; without values no forward pass runs (shapes follow from the layers), and a
+    # BatchNorm that uses the batch's statistics restarts the walk with them
+    try:
+        g, out = _walk(model, x, full)
+    except _NeedValues:
+        if x.shape[0] < 2 and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training for m in model.modules()):
+            raise InputError("BatchNorm in train mode needs a batch of at least 2 samples; call model.eval() first") from None
+        g, out, full = *_walk(model, x, True), True
     if full:
         g.output_value = out
     if len(g.nodes) == 1:  # an identity model: keep one node so the output is not the input
