@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sqlite3
+import re
 import subprocess
 import sys
 import textwrap
@@ -288,6 +289,7 @@ def test_report_from_synthetic_database(fake, tmp_path):
     assert f"| 2 | IBP | 2 | {mean * 100:.1f} ± {se * 100:.1f} |" in text or \
            f"| 2 | certified (ibp) |" in text or f"{mean * 100:.1f} ± {se * 100:.1f}" in text
     assert "above AT at 3/3 values" in text and "grows" in text
+    assert re.search(r"points as k[^;]* goes 1 → 3 \((grows|shrinks|flat);", text)  # which way the trend reads
 
 
 def test_unstable_figure_has_one_subplot_per_value_of_its_own_panel(fake, tmp_path):

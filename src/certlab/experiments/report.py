@@ -278,8 +278,9 @@ def gap_rows(agg, panel, key) -> list:
 
 
 def trend_sentence(rows, what, x, tol=0.005) -> str:
-    """One clause per certified method: at how many x it is above AT, the gap at the smallest and largest x and
-    whether it grows (by more than ``tol``, i.e. 0.5 points), shrinks or stays flat."""
+    """One clause per certified method: at how many x it is above AT, the gap at the smallest and largest x (named,
+    so "grows" reads the right way round whichever end of the axis is the hard one) and whether it grows (by more
+    than ``tol``, i.e. 0.5 points), shrinks or stays flat as x increases."""
     by_m = {}
     for xv, mth, g, _ in rows:
         by_m.setdefault(mth, []).append((xv, g))
@@ -293,8 +294,13 @@ def trend_sentence(rows, what, x, tol=0.005) -> str:
         change = pts[-1][1] - pts[0][1]
         trend = "grows" if change > tol else "shrinks" if change < -tol else "flat"
         parts.append(f"{mth}: above AT at {above}/{len(pts)} values of {x}; gap {pts[0][1] * 100:+.1f} → "
-                     f"{pts[-1][1] * 100:+.1f} points ({trend}; {ups}/{len(pts) - 1} steps up)")
+                     f"{pts[-1][1] * 100:+.1f} points as {x} goes {_num(pts[0][0])} → {_num(pts[-1][0])} ({trend}; "
+                     f"{ups}/{len(pts) - 1} steps up)")
     return f"{what} gap (certified − AT): " + "; ".join(parts) + "." if parts else ""
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def identical_note(agg, panel, x) -> str:
