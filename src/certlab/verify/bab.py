@@ -189,7 +189,7 @@ class _Search:
             cc = cols[c0:c0 + chunk]
             S = cc.numel()
             A = torch.zeros(N, S, n, dtype=X.dtype, device=X.device)
-            A[:, torch.arange(S), cc] = 1.0
+            A[:, torch.arange(S, device=X.device), cc] = 1.0
             lo_, hi_ = backsub.both_bounds(self.g, p, A.reshape(N, S, *self.shapes[pos]), pre, X, self.threat)
             outs_l.append(lo_)
             outs_u.append(hi_)
@@ -254,9 +254,10 @@ class _Search:
     def choose(self, lo, hi, split, coefs, w):
         """Branching neuron per domain: [(pos, k) or None]."""
         N = w.shape[0]
-        best_s = torch.full((N,), -1.0, dtype=self.x.dtype)
-        best = torch.full((N, 2), -1, dtype=torch.long)
-        ar = torch.arange(N)
+        dev = w.device
+        best_s = torch.full((N,), -1.0, dtype=self.x.dtype, device=dev)
+        best = torch.full((N, 2), -1, dtype=torch.long, device=dev)
+        ar = torch.arange(N, device=dev)
         for pos, r in enumerate(self.relus):
             l, u = lo[pos], hi[pos]
             cross = (l < 0) & (u > 0) & (split[pos] == 0)
@@ -347,7 +348,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         if global_low is None:
             global_low = float(low.min())
         w = low.argmin(1)
-        pts = S.argmin_points(A0[torch.arange(low.shape[0]), w])
+        pts = S.argmin_points(A0[torch.arange(low.shape[0], device=w.device), w])
         steps = 10 if (pgd_every and rounds % pgd_every == 0) else 0
         z = S.find_counterexample(pts, steps)
         if z is not None:
