@@ -103,6 +103,17 @@ def test_forward_patched_on_an_instance_or_later_is_refused():
         certlab.bounds(model, x, certlab.LinfBall(0.1), method="ibp")
 
 
+def test_model_and_input_of_different_dtypes_is_a_one_line_error():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Sequential(nn.BatchNorm1d(5).eval(), nn.Linear(5, 3)))
+    x, th = torch.rand(2, 4), certlab.LinfBall(0.1)
+    for method in certlab.METHODS:
+        with pytest.raises(InputError, match=r"layer '0' \(Linear\) holds torch.float32 tensors .* x is torch.float64"):
+            certlab.bounds(model, x.double(), th, method=method)
+    model[2][0].double()  # one inner layer converted: named by its path
+    with pytest.raises(InputError, match=r"layer '2.0' \(BatchNorm1d\) holds torch.float64"):
+        certlab.margins(model, x, torch.tensor([0, 1]), th, method="ibp")
+
+
 def test_forward_hooks_are_refused():
     """A forward hook or pre-hook may change a layer's output (returning a new value, or editing it in place), and
     the bound engine does not run it: bounding such a model would bound another function. Refused, naming the

@@ -112,6 +112,12 @@ class _Builder:
                 f"layer '{where}' ({type(m).__name__}) has forward hooks, which may change what it computes (e.g. the "
                 "old torch.nn.utils.spectral_norm); the bound engine cannot see them: remove them before bounding"
             )
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None and t.is_floating_point() and (t.dtype != self.like.dtype or t.device != self.like.device):
+                raise InputError(
+                    f"layer '{where}' ({type(m).__name__}) holds {t.dtype} tensors on {t.device} but x is {self.like.dtype} "
+                    f"on {self.like.device}; convert one of them (e.g. model.to(x.dtype), x.to(device))"
+                )
         sub = (lambda n: f"{path}.{n}" if path else n)
         if base is nn.Sequential:
             for name, child in m.named_children():
