@@ -35,6 +35,20 @@ MODELS = {
 HEAVY = {"cnn7": {"hbox", "deepz", "fastlin", "crown", "alpha-crown"}}
 
 
+def synced(fn, device):
+    """fn followed by a wait for the device's queued kernels (CUDA launches are asynchronous: without it a call's
+    time would be its launch time)."""
+    if not str(device).startswith("cuda"):
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return call
+
+
 def timeit_pair(fn, base, repeat, min_time=0.5):
     """Call fn and base alternately (at least ``repeat`` pairs and ``min_time`` seconds, at most 30 s). Returns
     (median seconds per fn call, median over the pairs of fn's time / base's time): on a shared machine whose speed
@@ -89,12 +103,14 @@ def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
         with torch.no_grad():
             return model(x)
 
+    forward = synced(forward, device)
     t_fwd = timeit(forward, repeat)
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
 
+    fwd_bwd = synced(fwd_bwd, device)
     t_fwd_bwd = timeit(fwd_bwd, repeat)
     print(f"\n## {name} ({arch}, input {shape}, batch {batch}, eps {eps}, device {device}, threads {torch.get_num_threads()})")
     print(f"forward: {batch / t_fwd:,.0f} samples/s; forward+backward: {batch / t_fwd_bwd:,.0f} samples/s")
@@ -114,6 +130,8 @@ def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
             model.zero_grad(set_to_none=True)
             lo = certlab.bounds(model, x, threat, method=m, C=C).lower
             torch.nn.functional.softplus(-lo).mean().backward()
+
+        run, run_grad = synced(run, device), synced(run_grad, device)
 
         t, r = timeit_pair(run, forward, repeat)
         tg, rg = timeit_pair(run_grad, fwd_bwd, max(1, repeat // 2))
@@ -139,6 +157,8 @@ def compare_lirpa(lirpa, model, x, C, eps, rows, repeat, batch):
                 def run():
                     with torch.no_grad():
                         return bm.compute_bounds(x=(bx,), C=C, method=theirs)
+
+                run = synced(run, x.device)
 
                 run_ours, b = rows[ours]
                 t, ratio = timeit_pair(run, run_ours, repeat)  # their time / ours, call by call

@@ -1,0 +1,83 @@
+"""Device-agnostic code on an accelerator: every relaxation, the attacks, complete verification and a training run on
+CUDA give what they give on the CPU. Skipped where torch sees no GPU (CI never has one); a session lent a GPU runs
+``python3 -m pytest tests/test_device.py``. ``CERTLAB_TEST_DEVICE=cpu`` runs the same checks CPU against CPU, which
+checks the tests themselves on a machine without a GPU.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+
+import certlab
+from certlab.attacks.api import robust_error
+from certlab.verify.complete import verify_any
+
+from nets import cnn, mlp
+
+DEVICE = os.environ.get("CERTLAB_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="no GPU (set CERTLAB_TEST_DEVICE=cpu to run on the CPU)")
+
+
+def _threats(x, k=3):
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(k, *x.shape[1:], generator=g).to(x.device)
+    return {"linf": certlab.LinfBall(0.05), "l2": certlab.L2Ball(0.2), "segments": certlab.SegmentUnion(d, 0.1)}
+
+
+@pytest.mark.parametrize("method", certlab.METHODS)
+def test_bounds_on_the_device_equal_the_cpus(method):
+    model = cnn(3, bn=True, residual=True, normalize=True, pool=True)
+    dev = copy.deepcopy(model).to(DEVICE)
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0])
+    for name, th in _threats(x).items():
+        th_d = _threats(x.to(DEVICE))[name]
+        cpu = certlab.bounds(model, x, th, method=method)
+        gpu = certlab.bounds(dev, x.to(DEVICE), th_d, method=method)
+        assert gpu.lower.device.type == torch.device(DEVICE).type
+        torch.testing.assert_close(gpu.lower.cpu(), cpu.lower, rtol=1e-4, atol=1e-4, msg=f"{method} {name}")
+        torch.testing.assert_close(gpu.upper.cpu(), cpu.upper, rtol=1e-4, atol=1e-4, msg=f"{method} {name}")
+        m = certlab.margins(dev, x.to(DEVICE), y.to(DEVICE), th_d, method=method)
+        torch.testing.assert_close(m.cpu(), certlab.margins(model, x, y, th, method=method), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_gradients_of_bounds_on_the_device(method):
+    model = mlp(2, widths=(5, 8, 8, 3), bn=True).train().to(DEVICE)
+    x = torch.rand(6, 5, device=DEVICE)
+    y = torch.randint(0, 3, (6,), device=DEVICE)
+    loss = torch.nn.functional.cross_entropy(-certlab.margins(model, x, y, certlab.LinfBall(0.05), method=method), y)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_attacks_and_complete_verification_on_the_device():
+    model = mlp(5, widths=(4, 10, 10, 3))
+    x = torch.rand(6, 4, generator=torch.Generator().manual_seed(2))
+    y = model(x).argmax(1)
+    th = certlab.LinfBall(0.15)
+    dev_model, xd, yd = copy.deepcopy(model).to(DEVICE), x.to(DEVICE), y.to(DEVICE)
+    for attack in ("pgd", "apgd-ce", "apgd-t"):
+        err, adv = robust_error(dev_model, xd, yd, th, attacks=(attack,), return_adv=True)
+        assert err.device.type == torch.device(DEVICE).type
+        assert bool(th.contains(adv, xd).all())
+        assert torch.equal(dev_model(adv).argmax(1) != yd, err)  # what it reports is what the model does
+    for method in ("bab", "crown"):
+        gpu = [r.status for r in verify_any(dev_model, xd, yd, th, method, timeout=20)]
+        cpu = [r.status for r in verify_any(model, x, y, th, method, timeout=20)]
+        assert gpu == cpu, method
+
+
+def test_training_run_on_the_device(tmp_path):
+    from certlab.train import TrainConfig, load_run, train
+
+    cfg = TrainConfig(dataset="spheres", data={"d": 5, "n": 200}, model="mlp", model_params={"hidden": [16, 16]},
+                      objective="certified", relaxation="crown-ibp", eps=0.05, epochs=2, batch_size=50,
+                      eval_certify=["ibp", "crown"], eval_attacks=["apgd-ce"], eval_n=50, device=DEVICE)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    ev = summary["eval"]
+    assert ev["clean_error"] <= ev["robust_error"] <= min(ev["certified_error"].values())
+    model, _ = load_run(tmp_path / "run")
+    assert next(model.parameters()).device.type == "cpu"  # checkpoints load on the CPU by default
