@@ -79,11 +79,11 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
                 continue
             if alpha is not None and i in alpha:
                 a = torch.where(crossing.unsqueeze(1), alpha[i], a)
-            # Λ⁺a + Λ⁻s = Λs + Λ⁺(a − s); the constant Λ⁻t
-            pos = Ai.clamp(min=0)
-            neg = Ai - pos
+            # Λ⁺a + Λ⁻s = Λa + Λ⁻(s − a); the constant Λ⁻t. Three passes over Λ-sized tensors and two allocations
+            # (Λ⁻, and the result, updated in place) instead of five passes and four allocations
+            neg = Ai.clamp(max=0)
             total = total + torch.bmm(neg.reshape(Bn, Sn, -1), t_b).squeeze(-1)
-            _acc(pending, node.inputs[0], torch.addcmul(Ai * s, pos, a - s))
+            _acc(pending, node.inputs[0], (Ai * a).addcmul_(neg, s - a))
         else:  # add
             _acc(pending, node.inputs[0], Ai)
             _acc(pending, node.inputs[1], Ai)

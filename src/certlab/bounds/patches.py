@@ -102,9 +102,10 @@ def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="ad
                 const, const_hi = const + neg_t, const_hi + (P * tg).flatten(2).sum(-1) - neg_t
                 P = P * geo.gather(s)
                 continue
-            pos, neg = P.clamp(min=0), P.clamp(max=0)
+            # P⁺a + P⁻s = Pa + P⁻(s − a), with s − a formed on the small per-position map before the gather
+            neg = P.clamp(max=0)
             const = const + (neg * geo.gather(t)).flatten(2).sum(-1)
-            P = pos * geo.gather(a) + neg * geo.gather(s)
+            P = (P * geo.gather(a)).addcmul_(neg, geo.gather(s - a))
             continue
         op = node.op
         if isinstance(op, ChannelAffineOp):
