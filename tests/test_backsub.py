@@ -49,3 +49,60 @@ def test_one_pass_refuses_non_parallel_lines():
     A = torch.eye(3).expand(2, 3, 3)
     with pytest.raises(ValueError, match="parallel"):
         backsub.lower_bound(g, len(g.nodes) - 1, A, pre, x, threat_for("linf", x, 0.1), "adaptive", upper=True)
+
+
+@pytest.mark.parametrize("kind", ["linf", "l2", "segments"])
+@pytest.mark.parametrize("lower", ["adaptive", "parallel"])
+@pytest.mark.parametrize("net", ["cnn", "cnn-bn", "cnn-norm-pool", "cnn-2ch"])
+def test_patches_grouped_by_position_equal_dense_rows(kind, lower, net):
+    """patches.bounds_all (every neuron of a convolution, patches grouped by position, rows shared by the batch until
+    the first ReLU, no padding mask at the input for box and segment sets) equals dense back-substitution of the
+    identity rows, for every neuron, threat set and lower line; and intermediate() takes it when most neurons need
+    bounds, the per-row path when few do."""
+    torch.manual_seed(0)
+    ch, size = (2, 7) if net == "cnn-2ch" else (1, 8)
+    model = cnn(3, bn=net == "cnn-bn", normalize=net == "cnn-norm-pool", pool=net == "cnn-norm-pool", channels=ch,
+                size=size)
+    x = torch.rand(4, ch, size, size)
+    threat = threat_for(kind, x, 0.3 if kind != "linf" else 0.1)
+    g = build_graph(model, x)
+    with torch.no_grad():
+        _check_grouped(g, x, threat, lower)
+
+
+def _check_grouped(g, x, threat, lower):
+    from certlab.bounds import patches
+
+    pre, _ = backsub.intermediate(g, x, threat, lower=lower)
+    B, checked = x.shape[0], 0
+    for r in g.relus:
+        p = g.nodes[r].inputs[0]
+        path = patches.chain(g, p)
+        if path is None:
+            continue
+        shape = g.nodes[p].shape
+        n = int(torch.tensor(shape).prod())
+        eye = torch.eye(n).expand(B, n, n).reshape(B, n, *shape)
+        low = backsub.lower_bound(g, p, torch.cat([eye, -eye], 1), pre, x, threat, lower)
+        lo, hi = patches.bounds_all(g, p, path, pre, x, threat, lower)
+        scale = max(1.0, float(low.abs().max()))
+        torch.testing.assert_close(lo.reshape(B, -1), low[:, :n], atol=1e-6 * scale, rtol=1e-5)
+        torch.testing.assert_close(hi.reshape(B, -1), -low[:, n:], atol=1e-6 * scale, rtol=1e-5)
+        checked += 1
+    assert checked >= 1  # every convolution the chain starts from (with BatchNorm after it, only the second)
+
+
+def test_intermediate_picks_grouped_patches_when_most_neurons_are_unstable(monkeypatch):
+    from certlab import LinfBall
+    from certlab.bounds import patches
+
+    calls = {"all": 0, "rows": 0}
+    real_all, real_rows = patches.bounds_all, patches.lower_rows
+    monkeypatch.setattr(patches, "bounds_all", lambda *a, **k: calls.__setitem__("all", calls["all"] + 1) or real_all(*a, **k))
+    monkeypatch.setattr(patches, "lower_rows", lambda *a, **k: calls.__setitem__("rows", calls["rows"] + 1) or real_rows(*a, **k))
+    model, x = cnn(3, size=8), torch.rand(4, 1, 8, 8)
+    g = build_graph(model, x)
+    backsub.intermediate(g, x, LinfBall(0.3))  # wide box: nearly every neuron crosses
+    assert calls == {"all": 1, "rows": 0}
+    backsub.intermediate(g, x, LinfBall(1e-3))  # tiny box: few do
+    assert calls["all"] == 1 and calls["rows"] <= 1

@@ -130,9 +130,13 @@ def intermediate(g, x, threat, lower="adaptive"):
         if S == 0:
             pre[r] = (l, u)
             continue
+        path = patches.chain(g, p)
+        if path is not None and 2 * S >= n:  # most neurons need bounds: all of them, patches grouped by position
+            lo, hi = patches.bounds_all(g, p, path, pre, x, threat, lower)
+            pre[r] = (torch.maximum(l, lo), torch.minimum(u, hi))
+            continue
         idx = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :S]
         valid = torch.arange(S, device=x.device).unsqueeze(0) < cnt.unsqueeze(1)
-        path = patches.chain(g, p)
         if path is not None:  # convolution chain to the input: receptive-field patches instead of dense rows
             C, H, W = shape
             chan, rows, cols = idx // (H * W), (idx // W) % H, idx % W

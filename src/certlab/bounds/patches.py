@@ -38,9 +38,13 @@ def chain(g, start):
 
 
 class _Geometry:
-    """Where each patch sits on a layer of spatial size (H, W): unfolds per-position maps at the patches' places."""
+    """Where each patch sits on a layer of spatial size (H, W): unfolds per-position maps at the patches' places.
 
-    def __init__(self, hw, patch, stride, pad, rows, cols):
+    ``rows``, ``cols``: [B, S] positions of each sample's patches, or [1, Q] positions shared by the batch (grouped
+    mode: every position holds R rows that share its maps, so maps are read once per position and broadcast)."""
+
+    def __init__(self, hw, patch, stride, pad, rows, cols, grouped=False):
+        self.grouped = grouped
         self.H, self.W = hw
         self.ph, self.pw = patch
         self.st, self.pad = stride, pad
@@ -54,7 +58,8 @@ class _Geometry:
         self._flat = {}  # L -> the positions as rows of the batch-flattened grid [B·L, ·]
 
     def gather(self, m):
-        """m: [Bm, C, H, W] (Bm = 1 or B) → [B, S, C, ph, pw] values at each patch's entries.
+        """m: [Bm, C, H, W] (Bm = 1 or B) → [B, S, C, ph, pw] values at each patch's entries ([Bm, Q, 1, C, ph, pw]
+        in grouped mode).
 
         The unfolded map is small ([Bm, L, C·ph·pw] for L patch positions); the result is read from it by whole
         rows (index_select), not element by element, and is contiguous."""
@@ -63,6 +68,8 @@ class _Geometry:
         L = u.shape[2]
         u = u.transpose(1, 2).reshape(Bm * L, -1)  # [Bm·L, C·ph·pw]
         B, S = self.idx.shape
+        if self.grouped:  # the same positions in every sample: [Bm, Q, 1, C, ph, pw]
+            return u.view(Bm, L, -1)[:, self.idx[0]].view(Bm, S, 1, C, self.ph, self.pw)
         if Bm == 1:
             rows = self.idx.reshape(-1)
         else:
@@ -78,56 +85,103 @@ def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="ad
     patches mode. ``chan``, ``rows``, ``cols``: long [B, S]; ``coef``: [B, S] (±1, or 0 for padding rows);
     ``pre`` as in :func:`certlab.bounds.backsub.lower_bound`. Returns [B, S]; with ``upper=True`` (parallel lines
     only) (lower, upper) from one pass, as :func:`certlab.bounds.backsub.lower_bound` does."""
-    from certlab.bounds.backsub import relu_lines
-
-    if upper and lower != "parallel":
-        raise ValueError("one-pass lower and upper bounds need parallel ReLU lines")
     B, S = chan.shape
     C0 = g.nodes[start].shape[0]
     P = torch.zeros(B, S, C0, 1, 1, device=x.device, dtype=x.dtype)
     P.scatter_(2, chan.view(B, S, 1, 1, 1), coef.view(B, S, 1, 1, 1).to(x.dtype))
+    return _back(g, start, path, P, rows, cols, pre, x, threat, lower, upper)
+
+
+def bounds_all(g, start, path, pre, x, threat, lower="adaptive"):
+    """(lower, upper) [B, C, H, W] of every neuron of conv node ``start``, in patches mode with the patches grouped
+    by position: the rows ±e_c of all C channels at a position share the position's maps (ReLU lines, input box),
+    which are read once per position and broadcast, and the starting patches (the kernel of ``start``) are shared
+    by the whole batch until the first ReLU. The same sums as :func:`lower_rows` over every neuron, with far less
+    memory traffic when most neurons need bounds."""
+    C0, H, W = g.nodes[start].shape
+    pos = torch.arange(H * W, device=x.device).view(1, -1)
+    one = torch.eye(C0, device=x.device, dtype=x.dtype)
+    if lower == "parallel":  # one pass gives both sides
+        P = one.view(1, 1, C0, C0, 1, 1)
+        lo, hi = _back(g, start, path, P, pos // W, pos % W, pre, x, threat, lower, upper=True)
+    else:
+        P = torch.cat([one, -one]).view(1, 1, 2 * C0, C0, 1, 1)
+        low = _back(g, start, path, P, pos // W, pos % W, pre, x, threat, lower)
+        lo, hi = low[..., :C0], -low[..., C0:]
+    B = x.shape[0]
+    shape = (B, H, W, C0)
+    return lo.expand(B, -1, -1).reshape(shape).permute(0, 3, 1, 2), hi.expand(B, -1, -1).reshape(shape).permute(0, 3, 1, 2)
+
+
+def _dot(P, m):
+    """Σ over the last three dims of P·m: per row (row mode, P and m [B, S, …]) or, in grouped mode (m [Bm, Q, 1,
+    …], one map per position), a batched matrix–vector product without a P-sized temporary."""
+    if m.dim() == 6:  # grouped
+        if P.shape[0] == 1 and m.shape[0] > 1:  # rows shared by the batch: no batch-sized copy of P
+            return torch.einsum("qrk,bqk->bqr", P[0].flatten(-3), m[:, :, 0].flatten(-3))
+        return torch.matmul(P.flatten(-3), m.flatten(-3).transpose(-1, -2)).squeeze(-1)
+    return (P * m).flatten(-3).sum(-1)
+
+
+def _bias(P, b):
+    """Σ_c P[..., c, h, w]·b[c]: one matrix–vector product (no P-sized temporary)."""
+    return torch.matmul(P.flatten(-3), b.repeat_interleave(P.shape[-2] * P.shape[-1]))
+
+
+def _back(g, start, path, P, rows, cols, pre, x, threat, lower, upper=False):
+    """Back-substitution of the patches P ([B, S, C0, 1, 1] per row, or [1, 1, R, C0, 1, 1] shared rows at the [1, Q]
+    positions of grouped mode) from conv node ``start`` to the input. Returns [B, S] (or [B, Q, R]); with ``upper``
+    (parallel lines only) (lower, upper)."""
+    from certlab.bounds.backsub import relu_lines
+
+    if upper and lower != "parallel":
+        raise ValueError("one-pass lower and upper bounds need parallel ReLU lines")
+    grouped = P.dim() == 6
     st, pad = (1, 1), (0, 0)
-    const = x.new_zeros(B, S)
+    const = x.new_zeros(P.shape[:-3])
     const_hi = const
     for i in path:
         node = g.nodes[i]
         Hc, Wc = node.shape[1:]
         if node.kind == "relu":
-            geo = _Geometry((Hc, Wc), P.shape[3:], st, pad, rows, cols)
+            geo = _Geometry((Hc, Wc), P.shape[-2:], st, pad, rows, cols, grouped)
             l, u = pre[i]
             a, s, t, _ = relu_lines(l, u, lower)
             if upper:  # a = s: P ↦ P·s; constants P⁻t (lower) and P⁺t = Pt − P⁻t (upper)
                 tg = geo.gather(t)
-                neg_t = (P.clamp(max=0) * tg).flatten(2).sum(-1)
-                const, const_hi = const + neg_t, const_hi + (P * tg).flatten(2).sum(-1) - neg_t
+                neg_t = _dot(P.clamp(max=0), tg)
+                const, const_hi = const + neg_t, const_hi + _dot(P, tg) - neg_t
                 P = P * geo.gather(s)
                 continue
             # P⁺a + P⁻s = Pa + P⁻(s − a), with s − a formed on the small per-position map before the gather
             neg = P.clamp(max=0)
-            const = const + (neg * geo.gather(t)).flatten(2).sum(-1)
+            const = const + _dot(neg, geo.gather(t))
             P = (P * geo.gather(a)).addcmul_(neg, geo.gather(s - a))
             continue
         op = node.op
         if isinstance(op, ChannelAffineOp):
             scale = op.s.reshape(-1, 1, 1) if op.s.numel() > 1 else op.s.reshape(1, 1, 1)
-            shift = op.t.reshape(-1) if op.t.numel() > 1 else op.t.reshape(1).expand(P.shape[2])
-            bias = torch.einsum("bschw,c->bs", P, shift)
+            shift = op.t.reshape(-1) if op.t.numel() > 1 else op.t.reshape(1).expand(P.shape[-3])
+            bias = _bias(P, shift)
             const, const_hi = const + bias, const_hi + bias
             P = P * scale
             continue
         # convolution: bias of the current layer, then the transposed convolution of every patch
         if op.b is not None:
-            bias = torch.einsum("bschw,c->bs", P, op.b)
+            bias = _bias(P, op.b)
             const, const_hi = const + bias, const_hi + bias
-        Pn = _transpose_conv(P.reshape(B * S, *P.shape[2:]), op, first=(i == start))
+        Pn = _transpose_conv(P.reshape(-1, *P.shape[-3:]), op, first=(i == start))
         st = (st[0] * op.stride[0], st[1] * op.stride[1])
         pad = (pad[0] * op.stride[0] + op.padding[0], pad[1] * op.stride[1] + op.padding[1])
-        P = Pn.reshape(B, S, *Pn.shape[1:])
+        P = Pn.reshape(*P.shape[:-3], *Pn.shape[1:])
+        if i == path[-1] and threat.norm != "l2":
+            continue  # at the input the box and the other maps are read zero-padded: no mask needed (ℓ2 needs
+            # the norm of the real entries)
         Hi, Wi = op.in_shape[1:]
-        geo = _Geometry((Hi, Wi), P.shape[3:], st, pad, rows, cols)
+        geo = _Geometry((Hi, Wi), P.shape[-2:], st, pad, rows, cols, grouped)
         mask = geo.gather(torch.ones(1, 1, Hi, Wi, device=x.device, dtype=x.dtype))  # 0 on padding
         P = P * mask
-    geo = _Geometry(tuple(x.shape[2:]), P.shape[3:], st, pad, rows, cols)
+    geo = _Geometry(tuple(x.shape[2:]), P.shape[-2:], st, pad, rows, cols, grouped)
     if upper:
         lo, hi = _concretize(threat, x, P, geo)
         return const + lo, const_hi + hi
@@ -168,28 +222,29 @@ def _dilate(W, dilation):
 
 
 def _concretize(threat, x, P, geo, lower_only=False):
-    """(min, max) of P·x' over the set for every patch (max is None when lower_only)."""
-    B, S = P.shape[:2]
-    Pf = P.reshape(B, S, -1)
+    """(min, max) of P·x' over the set for every patch (max is None when lower_only); P [B, S, C, ph, pw], or
+    [·, Q, R, C, ph, pw] in grouped mode (results [B, Q, R])."""
+    B = x.shape[0]
+    lead = (B,) + (1,) * (P.dim() - 4)  # per-sample scalars against the results' leading dims
     box = None
     if threat.norm == "linf" or (threat.norm == "l2" and threat.domain is not None):
         lo, hi = threat.interval_hull(x)
-        c = (Pf * geo.gather((lo + hi) / 2).reshape(B, S, -1)).sum(-1)
-        r = (Pf.abs() * geo.gather((hi - lo) / 2).reshape(B, S, -1)).sum(-1)
+        c = _dot(P, geo.gather((lo + hi) / 2))
+        r = _dot(P.abs(), geo.gather((hi - lo) / 2))
         box = (c - r, None if lower_only else c + r)
         if threat.norm == "linf":
             return box
-    centre = (Pf * geo.gather(x).reshape(B, S, -1)).sum(-1)
+    centre = _dot(P, geo.gather(x))
     if threat.norm == "l2":
-        rad = Pf.norm(dim=-1) * threat.eps_vector(x).view(B, 1)
+        rad = P.flatten(-3).norm(dim=-1) * threat.eps_vector(x).view(lead)
         ball = (centre - rad, None if lower_only else centre + rad)
         if box is None:
             return ball
         return torch.max(ball[0], box[0]), None if lower_only else torch.min(ball[1], box[1])
     d = threat.directions_for(x)  # [B, k, n]
     k = d.shape[1]
-    ad = torch.stack([(Pf * geo.gather(d[:, j].reshape(x.shape)).reshape(B, S, -1)).sum(-1) for j in range(k)], -1)
+    ad = torch.stack([_dot(P, geo.gather(d[:, j].reshape(x.shape))) for j in range(k)], -1)
     blo, bhi = threat.beta_range(x)
-    ends = (ad * blo.unsqueeze(1), ad * bhi.unsqueeze(1))
+    ends = (ad * blo.view(*lead, k), ad * bhi.view(*lead, k))
     low = centre + torch.min(*ends).min(-1).values
     return low, None if lower_only else centre + torch.max(*ends).max(-1).values
