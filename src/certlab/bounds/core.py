@@ -12,6 +12,7 @@ current batch (the ones the forward pass uses) in train mode, computed from the 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +72,7 @@ def _conv_out(where, kind, size, k, stride, pad, dil=(1, 1)):
 _BASES = (nn.Sequential, cnn.Residual, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d,
           nn.AvgPool2d, nn.Identity, nn.Dropout, cnn.Normalize)
 _OWN_FORWARD = object()  # marks a layer whose forward is not its supported class's (we cannot see what it does)
-_BASE_CACHE: dict = {}
+_BASE_CACHE = weakref.WeakKeyDictionary()  # layer type -> supported base class (types made at run time may go)
 
 
 def _base_of(m: nn.Module):
