@@ -27,6 +27,8 @@ HELP = {
     "norm": "linf | l2 | segments",
     "eps": "training radius",
     "eval_eps": "radius of the evaluation (default: eps)",
+    "val_n": "test samples for per-epoch validation and the choice of best.pt when val_split is 0",
+    "val_split": "training samples held out (not trained on) for per-epoch validation and best.pt; 0: val_n test samples",
 }
 
 
