@@ -97,9 +97,15 @@ def test_intermediate_picks_grouped_patches_when_most_neurons_are_unstable(monke
     from certlab.bounds import patches
 
     calls = {"all": 0, "rows": 0}
-    real_all, real_rows = patches.bounds_all, patches.lower_rows
-    monkeypatch.setattr(patches, "bounds_all", lambda *a, **k: calls.__setitem__("all", calls["all"] + 1) or real_all(*a, **k))
-    monkeypatch.setattr(patches, "lower_rows", lambda *a, **k: calls.__setitem__("rows", calls["rows"] + 1) or real_rows(*a, **k))
+
+    def counted(name, fn):
+        def call(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return call
+
+    monkeypatch.setattr(patches, "bounds_all", counted("all", patches.bounds_all))
+    monkeypatch.setattr(patches, "lower_rows", counted("rows", patches.lower_rows))
     model, x = cnn(3, size=8), torch.rand(4, 1, 8, 8)
     g = build_graph(model, x)
     backsub.intermediate(g, x, LinfBall(0.3))  # wide box: nearly every neuron crosses

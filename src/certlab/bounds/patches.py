@@ -109,8 +109,8 @@ def bounds_all(g, start, path, pre, x, threat, lower="adaptive"):
         low = _back(g, start, path, P, pos // W, pos % W, pre, x, threat, lower)
         lo, hi = low[..., :C0], -low[..., C0:]
     B = x.shape[0]
-    shape = (B, H, W, C0)
-    return lo.expand(B, -1, -1).reshape(shape).permute(0, 3, 1, 2), hi.expand(B, -1, -1).reshape(shape).permute(0, 3, 1, 2)
+    as_map = (lambda v: v.expand(B, -1, -1).reshape(B, H, W, C0).permute(0, 3, 1, 2))  # [B, Q, C] -> [B, C, H, W]
+    return as_map(lo), as_map(hi)
 
 
 def _dot(P, m):
