@@ -114,6 +114,18 @@ def test_model_and_input_of_different_dtypes_is_a_one_line_error():
         certlab.margins(model, x, torch.tensor([0, 1]), th, method="ibp")
 
 
+def test_batchnorm_in_train_mode_needs_two_samples():
+    from certlab.bounds.core import build_graph
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).train()
+    x = torch.rand(1, 4)
+    with pytest.raises(InputError, match="at least 2 samples"):
+        certlab.bounds(model, x, certlab.LinfBall(0.1), method="ibp")
+    with pytest.raises(InputError, match="at least 2 samples"):
+        build_graph(model, x, full=True)  # the path certified training takes (clean logits from the bound pass)
+    assert certlab.bounds(model.eval(), x, certlab.LinfBall(0.1), method="ibp").lower.shape == (1, 3)
+
+
 def test_forward_hooks_are_refused():
     """A forward hook or pre-hook may change a layer's output (returning a new value, or editing it in place), and
     the bound engine does not run it: bounding such a model would bound another function. Refused, naming the

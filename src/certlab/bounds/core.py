@@ -185,6 +185,8 @@ class _Builder:
             if m.training or not m.track_running_stats:  # the batch's statistics: the walk needs the values
                 if val is None:
                     raise _NeedValues
+                if m.training and val.shape[0] < 2:
+                    raise InputError("BatchNorm in train mode needs a batch of at least 2 samples; call model.eval() first")
                 dims = [0] + list(range(2, val.dim()))
                 mean = val.mean(dims)
                 var = val.var(dims, unbiased=False)
@@ -242,8 +244,6 @@ def build_graph(model: nn.Module, x: torch.Tensor, full: bool = False) -> Graph:
     try:
         g, out = _walk(model, x, full)
     except _NeedValues:
-        if x.shape[0] < 2 and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training for m in model.modules()):
-            raise InputError("BatchNorm in train mode needs a batch of at least 2 samples; call model.eval() first") from None
         g, out, full = *_walk(model, x, True), True
     if full:
         g.output_value = out
