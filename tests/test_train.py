@@ -123,6 +123,24 @@ def test_val_split_holds_out_training_samples_for_model_selection(tmp_path, monk
         TrainConfig(val_split=-1)
 
 
+def test_validation_records_no_gradients(tmp_path, monkeypatch):
+    """The per-epoch validation (bounds, certification, the clean forward) runs without autograd graphs."""
+    from certlab.train import loop
+
+    seen = []
+    real = loop.relu_bounds
+
+    def spy(*a, **k):
+        seen.append(torch.is_grad_enabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "relu_bounds", spy)
+    train({"dataset": "linsep", "data": {"d": 4, "n": 40}, "model": "mlp", "model_params": {"hidden": [8]},
+           "objective": "certified", "relaxation": "ibp", "eps": 0.1, "epochs": 1, "batch_size": 20, "val_n": 10},
+          tmp_path / "r", progress=False, evaluate=False)
+    assert seen and not any(seen)
+
+
 # -- objectives -----------------------------------------------------------------------------------------------
 def _toy(n=128, d=6, seed=0):
     ds = cdata.load("linsep", "train", d=d, n=n, margin=1.0, sigma=0.5, seed=seed)

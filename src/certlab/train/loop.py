@@ -66,7 +66,6 @@ def _bar(total, desc, enabled):
                 disable=not (enabled and sys.stderr.isatty()))
 
 
-@torch.no_grad()
 def split_validation(cfg, train_set, test_set):
     """(training tensors x, y; validation tensors x, y; description). With ``val_split`` > 0 a seeded random subset of
     that many training samples is held out (the rest keep their order); else validation reads the first ``val_n``
@@ -84,6 +83,7 @@ def split_validation(cfg, train_set, test_set):
     return train_set.x, train_set.y, test_set.x[:n], test_set.y[:n], f"the first {n} test samples"
 
 
+@torch.no_grad()
 def _validate(model, cfg, val, maker, device):
     """(clean error, robust-or-certified error or None, unstable ReLUs per sample or None) on the validation samples
     ``val`` = (x, y). Unstable ReLUs: crossing neurons of the IBP pre-activation bounds at the evaluation ε
