@@ -36,7 +36,7 @@ def _progress(total, desc, enabled):
 def _radius(model, x, y, threat, method, max_eps):
     from certlab.train.objectives import certified_radius
 
-    return certified_radius(model, x, y, threat, method, max_eps, tol=max_eps * 1e-3)
+    return certified_radius(model, x, y, threat, method, max_eps, tol=max_eps * 1e-3, recheck=True)
 
 
 def evaluate(model, dataset, threat, certify=("ibp", "crown"), attacks=("apgd-ce", "apgd-t"), batch_size: int = 256,

@@ -35,7 +35,10 @@ def _check_eps(eps) -> float | torch.Tensor:
             raise InputError("eps contains NaN or inf")
         if (e < 0).any():
             raise InputError(f"eps must be >= 0, got min {e.min().item():g}")
-        return eps.float() if eps.dim() == 1 else float(eps)
+        if eps.dim() == 0:
+            return float(eps)
+        # a float64 radius stays float64: rounding it to float32 here could shrink the set the caller asked about
+        return eps if eps.dtype in (torch.float32, torch.float64) else eps.float()
     try:
         eps = float(eps)
     except (TypeError, ValueError):
@@ -93,6 +96,13 @@ class ThreatSet:
         new.__dict__.update(self.__dict__)
         new.eps = _check_eps(eps)
         return new
+
+    def subset(self, x: torch.Tensor, idx: torch.Tensor) -> "ThreatSet":
+        """The same set for the samples ``x[idx]`` only: per-sample radii (and per-sample segment directions) follow."""
+        if isinstance(self.eps, torch.Tensor):
+            self.eps_vector(x)  # raises on a batch-size mismatch
+            return self.with_eps(self.eps[idx.to(self.eps.device)])
+        return self
 
     def validate(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -294,7 +304,8 @@ class SegmentUnion(ThreatSet):
             raise InputError("directions must be a tensor [k, *input_shape] or [B, k, *input_shape]")
         if not torch.isfinite(directions).all():
             raise InputError("directions contain NaN or inf")
-        self._raw = directions.detach().float()
+        # float64 directions stay float64 (the set the caller means); others are held as float32
+        self._raw = directions.detach() if directions.dtype == torch.float64 else directions.detach().float()
 
     # directions resolved against a batch x: [B, k, n] with unit rows
     def directions_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -386,6 +397,12 @@ class SegmentUnion(ThreatSet):
         beta = lo + u * (hi - lo)
         dj = d[torch.arange(B, device=x.device).view(1, B), j]  # [n, B, nin]
         return x.unsqueeze(0) + (beta.unsqueeze(-1) * dj).reshape(n, *x.shape)
+
+    def subset(self, x, idx):
+        out = super().subset(x, idx)
+        if self._raw.dim() == x.dim() + 1:  # per-sample directions
+            out = type(self)(self._raw[idx.to(self._raw.device)], out.eps, self.domain)
+        return out
 
     def num_directions(self, x: torch.Tensor) -> int:
         return self.directions_for(x).shape[1]

@@ -25,7 +25,6 @@ from certlab.attacks.base import (
     finish,
     generator_for,
     misclassified,
-    subset_threat,
 )
 from certlab.attacks.pgd import pgd
 from certlab.attacks.segment import segment_search
@@ -72,7 +71,7 @@ def _gradient_attack(model, x, y, threat, method, steps, restarts, gen, best, z0
                 idx = _still_robust(best)
             if idx.numel() == 0:
                 return
-            xs, ys, ts = x[idx], y[idx], subset_threat(threat, x, idx)
+            xs, ys, ts = x[idx], y[idx], threat.subset(x, idx)
             if method == "pgd":
                 sub = pgd(model, xs, ys, ts, gen, steps=steps, **opts)
             else:
@@ -187,7 +186,7 @@ def robust_error(model, x, y, threat, attacks=("apgd-ce", "apgd-t"), return_adv:
         idx = (~err).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        xa = run(model, x[idx], y[idx], subset_threat(threat, x, idx), method=a, **kw_a)
+        xa = run(model, x[idx], y[idx], threat.subset(x, idx), method=a, **kw_a)
         hit = attack_success(model, xa, y[idx])
         x_adv[idx[hit]] = xa[hit]
         err[idx[hit]] = True

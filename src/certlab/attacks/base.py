@@ -165,13 +165,6 @@ def random_start(threat, x, generator):
     return threat.project(threat.sample(x, 1, generator=generator)[0], x)
 
 
-def subset_threat(threat, x: torch.Tensor, idx: torch.Tensor):
-    """The threat set restricted to the samples ``idx`` (per-sample radii follow)."""
-    if isinstance(threat.eps, torch.Tensor):
-        return threat.with_eps(threat.eps_vector(x)[idx])
-    return threat
-
-
 class Best:
     """Per-sample best point so far: the lowest margin ``z_y − max_{j≠y} z_j``.
 

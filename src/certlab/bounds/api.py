@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from certlab.bounds import alpha_crown, core, crown, crown_ibp, deepz, fastlin, hbox, ibp, spec
+from certlab.bounds import alpha_crown, core, crown, crown_ibp, deepz, fastlin, hbox, ibp, rounding, spec
 from certlab.bounds.ops import LinearOp, SpecLinearOp
 from certlab.bounds.spec import Spec
 from certlab.errors import InputError
@@ -100,10 +100,15 @@ def margins(model, x, y, threat, method="crown", **opts) -> torch.Tensor:
     return low.masked_fill(torch.nn.functional.one_hot(y, K).bool(), 0.0)
 
 
-def certify(model, x, y, threat, method="crown", **opts) -> torch.Tensor:
-    """BoolTensor [B]: every margin f_y − f_j (j ≠ y) is provably > 0 on the whole set."""
+def certify(model, x, y, threat, method="crown", recheck=True, **opts) -> torch.Tensor:
+    """BoolTensor [B]: every margin f_y − f_j (j ≠ y) is provably > 0 on the whole set.
+
+    ``recheck``: a float32 (or lower precision) certificate whose smallest margin is within rounding of zero is
+    decided again in float64 (:mod:`certlab.bounds.rounding`); False decides by the sign of the bounds as computed."""
     with torch.no_grad():
         m = margins(model, x, y, threat, method, **opts)
+        if recheck:
+            m = rounding.settle(model, x, y, threat, resolve_method(method), m, opts)
     K = m.shape[1]
     y = y.to(m.device).long()
     m = m.masked_fill(torch.nn.functional.one_hot(y, K).bool(), float("inf"))

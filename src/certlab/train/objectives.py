@@ -240,13 +240,15 @@ def adaptive(model, x, y, ctx):
                         "mean_radius": float(radius.mean()) / ctx.eps if ctx.eps > 0 else 0.0, **rstats}
 
 
-def certified_radius(model, x, y, template, method, max_eps, tol=None, **opts):
+def certified_radius(model, x, y, template, method, max_eps, tol=None, recheck=False, **opts):
     """Per-sample certified radius in [0, max_eps] by ``certlab.certified_radius`` (batched root finding, no
-    gradient); ``tol`` defaults to max_eps/100 (training needs no more precision)."""
+    gradient); ``tol`` defaults to max_eps/100 (training needs no more precision, nor float64 rechecks of margins
+    within rounding of zero: ``recheck``, which evaluation turns on)."""
     from certlab.verify.radius import certified_radius as cr
 
     tol = float(max_eps) / 100 if tol is None else tol
-    return cr(model, x, y, threat=template, method=method, max_eps=max_eps, tol=tol, solver="brent", **opts)
+    return cr(model, x, y, threat=template, method=method, max_eps=max_eps, tol=tol, solver="brent", recheck=recheck,
+              **opts)
 
 
 OBJECTIVES = {"standard": standard, "pgd": pgd, "trades": trades, "certified": certified, "adaptive": adaptive}

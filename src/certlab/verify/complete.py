@@ -15,7 +15,7 @@ import torch
 
 from certlab.bounds.api import METHODS, certify, resolve_method
 from certlab.errors import InputError
-from certlab.verify.result import Result, check_counterexample, subset
+from certlab.verify.result import Result, check_counterexample
 
 COMPLETE = ("bab", "milp", "lp")
 
@@ -79,11 +79,11 @@ def attack_subset(model, x, y, threat, idx, attacks=("apgd-ce", "apgd-t")) -> di
     found = {}
     if idx.numel() == 0:
         return found
-    err, adv = robust_error(model, x[idx], y[idx], subset(threat, x, idx), attacks=attacks, return_adv=True)
+    err, adv = robust_error(model, x[idx], y[idx], threat.subset(x, idx), attacks=attacks, return_adv=True)
     for n, i in enumerate(idx.tolist()):
         if err[n]:
             one = torch.tensor([i], device=x.device)
-            z = check_counterexample(model, x[one], y[one], subset(threat, x, one), 0, adv[n])
+            z = check_counterexample(model, x[one], y[one], threat.subset(x, one), 0, adv[n])
             if z is not None:
                 found[i] = z
     return found

@@ -10,7 +10,8 @@ non-increasing in ε, so the radius is the root of m(ε) = 0 on [0, ε_max]. We 
 
 All samples are searched at once (one batched ``certify`` per step, per-sample ε), without gradient. Samples that the
 model misclassifies get 0; samples certified at ε_max get ε_max. The returned radius is always certified (it is
-a bracket end that was checked).
+a bracket end that was checked). The search converges onto m(ε) = 0, so its last decisions are the ones rounding
+can flip: margins within rounding of zero are decided in float64 (:mod:`certlab.bounds.rounding`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from certlab.bounds.api import margins
+from certlab.bounds.rounding import Float64Twin, settle
 from certlab.errors import InputError
 from certlab.threat import L2Ball, LinfBall, ThreatSet
 
@@ -34,8 +36,11 @@ def _template(norm, threat):
     raise InputError(f"norm must be 'linf' or 'l2' (or pass threat=...), got {norm!r}")
 
 
-def _worst_margin(model, x, y, threat, eps, method, opts):
-    m = margins(model, x, y, threat.with_eps(eps), method=method, **opts)
+def _worst_margin(model, x, y, threat, eps, method, opts, twin):
+    th = threat.with_eps(eps)
+    m = margins(model, x, y, th, method=method, **opts)
+    if twin is not None:  # margins within rounding of zero: decided in float64
+        m = settle(model, x, y, th, method, m, opts, twin)
     K = m.shape[1]
     m = m.masked_fill(torch.nn.functional.one_hot(y, K).bool(), float("inf"))
     return m.min(1).values
@@ -43,8 +48,9 @@ def _worst_margin(model, x, y, threat, eps, method, opts):
 
 @torch.no_grad()
 def certified_radius(model, x, y, norm="linf", method="ibp", max_eps=None, tol=1e-5, solver="bisect", threat=None,
-                     max_steps=100, **opts) -> torch.Tensor:
-    """Tensor [B]: per sample, the largest certified ε in [0, max_eps] (to within ``tol``)."""
+                     max_steps=100, recheck=True, **opts) -> torch.Tensor:
+    """Tensor [B]: per sample, the largest certified ε in [0, max_eps] (to within ``tol``). ``recheck``: margins
+    within rounding of zero are decided in float64 (see :func:`certlab.bounds.api.certify`)."""
     tmpl = _template(norm, threat)
     if max_eps is None:
         raise InputError("certified_radius needs max_eps")
@@ -61,11 +67,12 @@ def certified_radius(model, x, y, norm="linf", method="ibp", max_eps=None, tol=1
     if B == 0:
         return x.new_zeros(0)
     correct = model(x).argmax(1) == y
+    twin = Float64Twin(model) if recheck else None
     lo = x.new_zeros(B)
     hi = x.new_full((B,), max_eps)
-    m_hi = _worst_margin(model, x, y, tmpl, hi, method, opts)
+    m_hi = _worst_margin(model, x, y, tmpl, hi, method, opts, twin)
     at_max = (m_hi > 0) & correct
-    m_lo = _worst_margin(model, x, y, tmpl, lo, method, opts)
+    m_lo = _worst_margin(model, x, y, tmpl, lo, method, opts, twin)
     ok0 = (m_lo > 0) & correct
     active = ok0 & ~at_max
     lo = torch.where(at_max, hi, lo)
@@ -85,7 +92,7 @@ def certified_radius(model, x, y, norm="linf", method="ibp", max_eps=None, tol=1
             mid = torch.where(good, sec, mid)
         mid = torch.where(active, mid, lo)
         idx = active.nonzero().squeeze(1)
-        f = _worst_margin(model, x[idx], y[idx], tmpl, mid[idx], method, opts)
+        f = _worst_margin(model, x[idx], y[idx], tmpl, mid[idx], method, opts, twin)
         cert = torch.zeros(B, dtype=torch.bool, device=x.device)
         fm = torch.zeros(B, dtype=x.dtype, device=x.device)
         cert[idx] = f > 0

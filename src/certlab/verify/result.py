@@ -46,13 +46,3 @@ def check_counterexample(model, x, y, threat, b: int, z: torch.Tensor) -> torch.
     if int(out.argmax(1)[0]) != int(y[b]):
         return z[0].detach()
     return None
-
-
-def subset(threat, x: torch.Tensor, idx: torch.Tensor):
-    """The threat set for the samples ``x[idx]`` (per-sample radii and per-sample segment directions follow)."""
-    out = threat
-    if isinstance(threat.eps, torch.Tensor):
-        out = out.with_eps(threat.eps_vector(x)[idx])
-    if threat.norm == "segments" and threat._raw.dim() == x.dim() + 1:
-        out = type(threat)(threat._raw[idx.to(threat._raw.device)], out.eps, threat.domain)
-    return out

@@ -1,0 +1,142 @@
+"""Certificates that hang on float32 rounding are decided in float64 (certlab.bounds.rounding).
+
+On a linear model every relaxation is exact, so the exact minimum margin over an ℓ∞ box is known in rational
+arithmetic: Σ dᵢxᵢ + δb − ε Σ|dᵢ| with d = W_y − W_j. Radii a hair (1e-9 relative) past or short of the exact root
+make the float32 decision a coin toss; the checked decision must follow the exact sign every time.
+"""
+
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+import certlab
+from certlab.bounds import rounding
+from certlab.verify.radius import certified_radius
+
+METHODS = ("ibp", "hbox", "deepz", "fastlin", "crown", "crown-ibp", "alpha-crown")
+
+
+def linear_case(B=256, n=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(n, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(2, n, generator=g))
+        model.bias.copy_(torch.randn(2, generator=g))
+    x = 0.2 + 0.6 * torch.rand(B, n, generator=g)
+    y = model(x).argmax(1)
+    return model, x, y
+
+
+def exact_parts(model, x, y):
+    """Per sample (S, N1): the exact clean margin and the ℓ1 norm of W_y − W_j, as Fractions."""
+    W = [[Fraction(v) for v in row] for row in model.weight.detach().double().tolist()]
+    b = [Fraction(v) for v in model.bias.detach().double().tolist()]
+    out = []
+    for xi, yi in zip(x.double().tolist(), y.tolist()):
+        d = [W[yi][i] - W[1 - yi][i] for i in range(len(xi))]
+        S = sum(di * Fraction(v) for di, v in zip(d, xi)) + b[yi] - b[1 - yi]
+        out.append((S, sum(abs(di) for di in d)))
+    return out
+
+
+def radii(parts, rel):
+    """float64 radii root·(1 + rel), and the exact minimum margin over each box."""
+    eps = [float(S / N1 * (1 + Fraction(rel))) for S, N1 in parts]
+    exact = [S - Fraction(e) * N1 for (S, N1), e in zip(parts, eps)]
+    return torch.tensor(eps, dtype=torch.float64), exact
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_borderline_certificates_follow_the_exact_sign(method):
+    model, x, y = linear_case()
+    parts = exact_parts(model, x, y)
+    # just past the exact root: no sample is robust
+    eps, exact = radii(parts, 1e-9)
+    assert all(e < 0 for e in exact)
+    threat = certlab.LinfBall(eps, domain=None)
+    raw = certlab.certify(model, x, y, threat, method=method, recheck=False)
+    assert raw.sum() >= 5, "float32 rounding should certify some of these (the test would not bite otherwise)"
+    assert not certlab.certify(model, x, y, threat, method=method).any()
+    # just short of it: every sample is robust; the float32 certificates (all within rounding of zero) are
+    # confirmed in float64, not refused (float32's false negatives stay: only positive margins are rechecked)
+    eps, exact = radii(parts, -1e-9)
+    assert all(e > 0 for e in exact)
+    threat = certlab.LinfBall(eps, domain=None)
+    raw = certlab.certify(model, x, y, threat, method=method, recheck=False)
+    assert raw.sum() >= 5 and (~raw).sum() >= 5
+    assert torch.equal(certlab.certify(model, x, y, threat, method=method), raw)
+
+
+def test_float64_radius_is_kept():
+    e = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    assert certlab.LinfBall(e).eps.dtype == torch.float64
+    assert certlab.LinfBall(e.float()).eps.dtype == torch.float32
+    assert certlab.LinfBall(torch.tensor([1, 2])).eps.dtype == torch.float32
+    d = torch.randn(2, 3, dtype=torch.float64)
+    assert certlab.SegmentUnion(d, 0.1).directions_for(torch.zeros(1, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_subset_follows_per_sample_radii_and_directions():
+    x = torch.rand(4, 3)
+    d = torch.randn(4, 2, 3)
+    t = certlab.SegmentUnion(d, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
+    idx = torch.tensor([3, 1])
+    s = t.subset(x, idx)
+    assert s.eps.tolist() == [0.4, 0.2] and s.eps.dtype == torch.float64
+    torch.testing.assert_close(s.directions_for(x[idx]), t.directions_for(x)[idx])
+    with pytest.raises(certlab.InputError, match="radii"):
+        t.subset(x[:3], idx)
+
+
+def test_radius_search_never_returns_a_radius_past_the_exact_root():
+    model, x, y = linear_case(B=128, seed=1)
+    parts = exact_parts(model, x, y)
+    top = float(max(S / N1 for S, N1 in parts)) * 2
+    kw = dict(threat=certlab.LinfBall(0.0, domain=None), method="ibp", max_eps=top, tol=1e-12)
+    past = lambda r: sum(S - Fraction(v) * N1 <= 0 for (S, N1), v in zip(parts, r.double().tolist()))  # noqa: E731
+    assert past(certified_radius(model, x, y, recheck=False, **kw)) >= 1  # float32 alone overshoots some roots
+    assert past(certified_radius(model, x, y, **kw)) == 0
+
+
+def test_without_a_float64_copy_borderline_samples_are_not_certified(monkeypatch):
+    model, x, y = linear_case(B=64)
+    eps, _ = radii(exact_parts(model, x, y), -1e-9)  # all robust, all within rounding of zero
+    threat = certlab.LinfBall(eps, domain=None)
+    assert certlab.certify(model, x, y, threat, method="crown").any()
+    monkeypatch.setattr(rounding.Float64Twin, "get", lambda self: None)
+    assert not certlab.certify(model, x, y, threat, method="crown").any()
+
+
+def test_margins_far_from_zero_need_no_float64_copy(monkeypatch):
+    model, x, y = linear_case(B=64)
+    eps, _ = radii(exact_parts(model, x, y), -0.5)
+
+    def refuse(self):
+        raise AssertionError("a float64 copy was made for margins far from zero")
+
+    monkeypatch.setattr(rounding.Float64Twin, "get", refuse)
+    assert certlab.certify(model, x, y, certlab.LinfBall(eps, domain=None), method="crown").all()
+
+
+def test_batch_statistics_are_rechecked_on_the_whole_batch(monkeypatch):
+    """BatchNorm in train mode maps each sample with the batch's statistics: a recheck of a subset alone would
+    bound another function. With every certificate forced through the recheck, the settled margins are the float64
+    margins of the whole batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).train()
+    x = torch.rand(32, 5)
+    y = model(x).argmax(1)
+    y[::3] = (y[::3] + 1) % 3  # wrong labels: not certified, not rechecked
+    threat = certlab.LinfBall(0.001)
+    m = certlab.margins(model, x, y, threat, method="crown")
+    cand = ((m > 0) | nn.functional.one_hot(y, 3).bool()).all(1)
+    assert 0 < cand.sum() < 32
+    monkeypatch.setattr(rounding, "REL", 1e9)
+    out = rounding.settle(model, x, y, threat, "crown", m)
+    whole = certlab.margins(rounding.Float64Twin(model).get(), x.double(), y, threat, method="crown")
+    alone = certlab.margins(rounding.Float64Twin(model).get(), x[cand].double(), y[cand], threat, method="crown")
+    torch.testing.assert_close(out[cand], whole[cand].float())
+    assert (alone.float() - out[cand]).abs().max() > 1e-3  # the subset's own statistics give other margins
+    torch.testing.assert_close(out[~cand], m[~cand])
