@@ -140,3 +140,42 @@ def test_batch_statistics_are_rechecked_on_the_whole_batch(monkeypatch):
     torch.testing.assert_close(out[cand], whole[cand].float())
     assert (alone.float() - out[cand]).abs().max() > 1e-3  # the subset's own statistics give other margins
     torch.testing.assert_close(out[~cand], m[~cand])
+
+
+def test_branch_and_bound_does_not_verify_on_rounding(monkeypatch):
+    """Logits in the thousands put float32's rounding far above BaB's solver tolerance (1e-6): a ReLU network whose
+    ReLUs are all active on the set is affine there, so its exact minimum margin is known, and radii 1e-9 past the
+    exact root must never come back verified."""
+    from certlab.verify import bab
+
+    g = torch.Generator().manual_seed(3)
+    n, h, B = 30, 20, 24
+    model = nn.Sequential(nn.Linear(n, h), nn.ReLU(), nn.Linear(h, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(h, n, generator=g))
+        model[0].bias.fill_(1000.0)  # every ReLU active on the sets (checked below)
+        model[2].weight.copy_(300 * torch.randn(2, h, generator=g))
+        model[2].bias.zero_()
+    x = 0.2 + 0.6 * torch.rand(B, n, generator=g)
+    y = model(x).argmax(1)
+    W1 = [[Fraction(v) for v in r] for r in model[0].weight.double().tolist()]
+    W2 = [[Fraction(v) for v in r] for r in model[2].weight.double().tolist()]
+    b1 = [Fraction(v) for v in model[0].bias.double().tolist()]
+    eps = []
+    for xi, yi in zip(x.double().tolist(), y.tolist()):
+        d2 = [W2[yi][k] - W2[1 - yi][k] for k in range(h)]
+        v = [sum(d2[k] * W1[k][i] for k in range(h)) for i in range(n)]
+        S = sum(vi * Fraction(xv) for vi, xv in zip(v, xi)) + sum(d2[k] * b1[k] for k in range(h))
+        N1 = sum(abs(vi) for vi in v)
+        e = float(S / N1 * (1 + Fraction(1e-9)))
+        assert S - Fraction(e) * N1 < 0
+        eps.append(e)
+    e = torch.tensor(eps, dtype=torch.float64)
+    W, xd = model[0].weight.double(), x.double()
+    assert (xd @ W.T - e[:, None] * W.abs().sum(1) + 1000 > 1).all()
+    threat = certlab.LinfBall(e, domain=None)
+    verdicts = lambda: [r.status for r in bab.verify(model, x, y, threat, timeout=5, attack=False)]  # noqa: E731
+    assert "verified" not in verdicts()
+    monkeypatch.setattr(bab, "decision_tols", lambda *a: (bab.TOL, bab.TOL))  # the absolute tolerance alone
+    monkeypatch.setattr(rounding, "REL", 0.0)  # and no recheck of the screening certify
+    assert verdicts().count("verified") >= 3

@@ -6,7 +6,8 @@ z ≤ 0 (upper bound min(u, 0)). For a batch of subdomains we
 1. recompute the pre-activation bounds of every later ReLU by back-substitution (CROWN lines) with the clamped
    bounds, intersected with the parent's (a subdomain's bounds only shrink);
 2. lower-bound every margin f_y − f_j by back-substitution to the input; a subdomain whose margins are all > 0 is
-   done, one with an empty bound interval (l > u) is infeasible and dropped;
+   done (> 1e-6, and clear of rounding and solver tolerances: ``milp.decision_tols``), one with an empty bound
+   interval (l > u) is infeasible and dropped;
 3. evaluate the model at the minimiser of the linear lower bound over the input set (a vertex for ℓ∞) and, every few
    rounds, refine the worst candidates with a few PGD steps — any misclassified point ends the search;
 4. split the neuron with the largest score relu(−Λ)·(−l·u/(u−l)) + ¼·relu(Λ)·min(u, −l) (Λ: the back-substitution
@@ -32,7 +33,7 @@ from certlab.bounds.ibp import prefix_bounds
 from certlab.bounds.ops import LinearOp
 from certlab.errors import CertlabError, InputError
 from certlab.verify.encode import dense_ops
-from certlab.verify.milp import TOL, problem
+from certlab.verify.milp import TOL, decision_tols, problem
 from certlab.verify.result import Result, check_counterexample
 
 BUDGET = 3e7  # floats per back-substitution chunk (memory cap)
@@ -62,6 +63,7 @@ class _Search:
     def __init__(self, model, x, y, threat, batch, iters=0, lr=0.1):
         self.model, self.x, self.y, self.threat = model, x, y, threat
         self.iters, self.lr = iters, lr
+        self.tol = self.tol_solver = TOL  # what a margin bound must exceed (per sample: milp.decision_tols)
         self.g = core.build_graph(model, x)
         self.K = core.output_dim(self.g)
         self.relus = self.g.relus
@@ -121,7 +123,7 @@ class _Search:
         """(low [N, S], A0, coefs): CROWN, then ``iters`` Adam steps on α (slopes) and β (split multipliers)."""
         A0, total, coefs = self._record(pre, N)
         low = self.threat.concretize(A0, X)[0] + total
-        if self.iters <= 0 or bool((low > TOL).all()):
+        if self.iters <= 0 or bool((low > self.tol).all()):
             return low, A0, coefs
         Sr = self.A.shape[0]
         alpha, beta, signs = {}, {}, {}
@@ -145,7 +147,7 @@ class _Search:
                 best = torch.maximum(best, cur.detach())
                 opt.zero_grad()
                 # only rows not yet proven need to improve
-                (-(cur * (best <= TOL)).sum()).backward()
+                (-(cur * (best <= self.tol)).sum()).backward()
                 opt.step()
                 with torch.no_grad():
                     for v in alpha.values():
@@ -290,7 +292,7 @@ class _Search:
             r = prob.optimise(obj, const, False, deadline, integral=integral)
             if r["status"] == "infeasible":  # a relaxation of the region is empty: so is the region
                 return "verified"
-            if r["bound"] is not None and r["bound"] > TOL:
+            if r["bound"] is not None and r["bound"] > self.tol_solver:
                 continue
             if r["point"] is not None:
                 z = check_counterexample(self.model, self.x, self.y, self.threat, 0,
@@ -331,6 +333,8 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         if z is not None:
             return done("falsified", z)
     S = _Search(model, x, y, threat, batch, iters)
+    tol, S.tol_solver = decision_tols(model, x, y, threat)
+    S.tol = tol
     pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")[0]
     lo = [pre0[r][0].reshape(1, -1) for r in S.relus]
     hi = [pre0[r][1].reshape(1, -1) for r in S.relus]
@@ -357,7 +361,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         infeasible = torch.zeros_like(worst, dtype=torch.bool)
         for l, u in zip(lo, hi):
             infeasible |= ((l - u) > 1e-5 * (1 + l.abs() + u.abs())).any(1)
-        open_ = ((worst <= TOL) & ~infeasible).nonzero().flatten().tolist()
+        open_ = ((worst <= tol) & ~infeasible).nonzero().flatten().tolist()
         n_cross = sum(((l < 0) & (u > 0) & (sp == 0)).sum(1) for l, u, sp in zip(lo, hi, split))
         if open_:
             pick = lambda vs: [v[open_] for v in vs]  # noqa: E731

@@ -23,7 +23,7 @@ from certlab.attacks.base import eval_mode
 from certlab.bounds import backsub, core
 from certlab.bounds.api import fold_spec
 from certlab.errors import InputError
-from certlab.verify.milp import TOL, pre_bounds, problem, sample_threat, setup
+from certlab.verify.milp import decision_tols, pre_bounds, problem, sample_threat, setup
 from certlab.verify.result import Result
 
 
@@ -124,11 +124,15 @@ def verify(model, x, y, threat, timeout: float = 30.0, pre: str = "crown", refin
             low, _ = backsub.output(fold_spec(g, C), xb, ts, P, lower_only=True)
             low = low[0].clone()
             low[int(yb[0])] = float("inf")
-            open_rows = (low <= TOL).nonzero().flatten().tolist()
+            # CROWN's bounds (model dtype) and the LP's (float64 solver) each decide against their own tolerance
+            tol, tol_solver = decision_tols(model, xb, yb, ts)
+            open_rows = (low <= tol).nonzero().flatten().tolist()
+            proven = True
             if open_rows:
                 lp = _lower_only(model, xb, ts, C[:, open_rows], pre, refine, max(timeout - (time.perf_counter() - t0), 0.05))
+                proven = bool((lp[0] > tol_solver).all())
                 low[open_rows] = torch.maximum(low[open_rows], lp[0])
             worst = float(low.min())
-            status = "verified" if worst > TOL else "unknown"
+            status = "verified" if proven else "unknown"
             out.append(Result(status, None, time.perf_counter() - t0, len(open_rows), worst, "lp"))
     return out

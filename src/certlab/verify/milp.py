@@ -27,13 +27,25 @@ import torch
 from scipy.optimize import Bounds as _Box, LinearConstraint, linprog as _linprog, milp as _milp
 
 from certlab.attacks.base import eval_mode
-from certlab.bounds import backsub, core
+from certlab.bounds import backsub, core, rounding
 from certlab.bounds.ibp import interval_pass
 from certlab.errors import CertlabError, InputError
 from certlab.verify.encode import Encoding, dense_ops, encode
 from certlab.verify.result import Result, check_counterexample
 
 TOL = 1e-6  # a margin must exceed this (solver precision) to count as verified
+SOLVER_REL = 1e-6  # ... and this much of the size of the terms it is made of (HiGHS's tolerances are absolute)
+
+
+def decision_tols(model, x, y, threat) -> tuple[float, float]:
+    """What a margin bound of the one sample x must exceed to count as proven: (for bounds computed in the model's
+    dtype, for the float64 solvers' bounds). Both are at least TOL and grow with M, the size of the terms the margin
+    is made of (:func:`certlab.bounds.rounding.magnitudes`): REL·(1 + M) below float64 (the float32 rounding line of
+    :mod:`certlab.bounds.rounding`), SOLVER_REL·(1 + M) for the solvers (HiGHS's tolerances are absolute). Without
+    them a network whose logits are large sums that cancel could be "verified" by rounding or by the LP solver."""
+    base = rounding.tolerances(model, x, y, threat, 1.0)
+    solver = max(TOL, SOLVER_REL * float(base.max()))
+    return (solver if x.dtype == torch.float64 else max(TOL, rounding.REL * float(base.max()))), solver
 
 
 @contextlib.contextmanager
@@ -305,8 +317,9 @@ def _verify_one(model, g, x, y, threat, b, timeout, attack, pre):
     low, _ = backsub.output(_fold(gb, C), xb, ts, P, lower_only=True)
     low = low[0].cpu().numpy()
     yi = int(yb[0])
-    order = [int(j) for j in np.argsort(low) if j != yi and low[j] <= TOL]
-    proven = [float(low[j]) for j in range(K) if j != yi and low[j] > TOL]
+    tol, tol_solver = decision_tols(model, xb, yb, ts)
+    order = [int(j) for j in np.argsort(low) if j != yi and low[j] <= tol]
+    proven = [float(low[j]) for j in range(K) if j != yi and low[j] > tol]
     if not order:
         return done("verified", bound=min(proven))
     prob = problem(gb, xb, ts, P, 0)
@@ -321,7 +334,7 @@ def _verify_one(model, g, x, y, threat, b, timeout, attack, pre):
             z = check_counterexample(model, xb, yb, ts, 0, torch.as_tensor(r["point"], dtype=x.dtype))
             if z is not None:
                 return done("falsified", z, nodes)
-        if r["bound"] is not None and r["bound"] > TOL:
+        if r["bound"] is not None and r["bound"] > tol_solver:
             proven.append(r["bound"])
             continue
         unknown = True
