@@ -179,3 +179,28 @@ def test_branch_and_bound_does_not_verify_on_rounding(monkeypatch):
     monkeypatch.setattr(bab, "decision_tols", lambda *a: (bab.TOL, bab.TOL))  # the absolute tolerance alone
     monkeypatch.setattr(rounding, "REL", 0.0)  # and no recheck of the screening certify
     assert verdicts().count("verified") >= 3
+
+
+@pytest.mark.parametrize("kind", ["linf", "l2", "segments"])
+def test_recheck_takes_each_samples_own_set(monkeypatch, kind):
+    """With every certificate forced through the float64 recheck, the subsets it recomputes carry each sample's own
+    radius (and own segment directions): the decisions equal float64's over the whole batch."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)).eval()
+    x = torch.rand(40, 1, 6, 6)
+    y = model(x).argmax(1)
+    eps = torch.linspace(0.0, 0.3, 40)
+    if kind == "linf":
+        th = certlab.LinfBall(eps)
+    elif kind == "l2":
+        th = certlab.L2Ball(eps * 4)
+    else:
+        th = certlab.SegmentUnion(torch.randn(40, 2, 1, 6, 6), eps * 4, domain=(0.0, 1.0))
+    want = certlab.certify(rounding.Float64Twin(model).get(), x.double(), y, th, method="crown")
+    assert 0 < want.sum() < 40
+    monkeypatch.setattr(rounding, "REL", 1e9)
+    calls = []
+    orig = rounding.Float64Twin.get
+    monkeypatch.setattr(rounding.Float64Twin, "get", lambda self: calls.append(1) or orig(self))
+    assert torch.equal(certlab.certify(model, x, y, th, method="crown"), want)
+    assert calls
