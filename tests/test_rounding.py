@@ -107,6 +107,14 @@ def test_without_a_float64_copy_borderline_samples_are_not_certified(monkeypatch
     assert certlab.certify(model, x, y, threat, method="crown").any()
     monkeypatch.setattr(rounding.Float64Twin, "get", lambda self: None)
     assert not certlab.certify(model, x, y, threat, method="crown").any()
+    monkeypatch.undo()
+
+    def no_copy(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(rounding.copy, "deepcopy", no_copy)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        assert not certlab.certify(model, x, y, threat, method="crown").any()
 
 
 def test_margins_far_from_zero_need_no_float64_copy(monkeypatch):

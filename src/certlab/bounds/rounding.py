@@ -24,6 +24,7 @@ within rounding are left alone: they cost completeness, not soundness.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -45,8 +46,11 @@ class Float64Twin:
         if self._net is None and not self._failed:
             try:
                 self._net = copy.deepcopy(self.model).to(torch.float64)
-            except Exception:  # a model that cannot be copied: its borderline samples stay uncertified
+            except Exception as e:  # a model that cannot be copied: its borderline samples stay uncertified
                 self._failed = True
+                warnings.warn(f"certlab: no float64 copy of the model for rechecking certificates within float32 "
+                              f"rounding of zero ({type(e).__name__}: {e}); those samples are reported uncertified",
+                              RuntimeWarning, stacklevel=2)
         return self._net
 
 
