@@ -41,10 +41,11 @@ BUDGET = 3e7  # floats per back-substitution chunk (memory cap)
 
 def single_threat(threat, x, b):
     """The set around x[b] alone, valid for any batch of copies of x[b] (scalar eps, shared directions)."""
-    eps = float(threat.eps_vector(x)[b])
-    if threat.norm == "segments":
-        d = threat.directions_for(x)[b]
-        return type(threat)(d.reshape(d.shape[0], *x.shape[1:]), eps, threat.domain)
+    eps = threat.subset(x, torch.tensor([b], device=x.device)).eps
+    eps = float(eps[0]) if isinstance(eps, torch.Tensor) else eps  # the radius as given (a float64 one is kept)
+    if threat.norm == "segments":  # the directions as given (normalised again by the new set)
+        d = threat._raw[b] if threat._raw.dim() == x.dim() + 1 else threat._raw
+        return type(threat)(d, eps, threat.domain)
     return threat.with_eps(eps)
 
 
@@ -333,8 +334,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         if z is not None:
             return done("falsified", z)
     S = _Search(model, x, y, threat, batch, iters)
-    tol, S.tol_solver = decision_tols(model, x, y, threat)
-    S.tol = tol
+    S.tol, S.tol_solver = decision_tols(model, x, y, threat)
     pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")[0]
     lo = [pre0[r][0].reshape(1, -1) for r in S.relus]
     hi = [pre0[r][1].reshape(1, -1) for r in S.relus]
@@ -361,7 +361,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         infeasible = torch.zeros_like(worst, dtype=torch.bool)
         for l, u in zip(lo, hi):
             infeasible |= ((l - u) > 1e-5 * (1 + l.abs() + u.abs())).any(1)
-        open_ = ((worst <= tol) & ~infeasible).nonzero().flatten().tolist()
+        open_ = ((worst <= S.tol) & ~infeasible).nonzero().flatten().tolist()
         n_cross = sum(((l < 0) & (u > 0) & (sp == 0)).sum(1) for l, u, sp in zip(lo, hi, split))
         if open_:
             pick = lambda vs: [v[open_] for v in vs]  # noqa: E731

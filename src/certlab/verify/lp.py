@@ -23,7 +23,7 @@ from certlab.attacks.base import eval_mode
 from certlab.bounds import backsub, core
 from certlab.bounds.api import fold_spec
 from certlab.errors import InputError
-from certlab.verify.milp import decision_tols, pre_bounds, problem, sample_threat, setup
+from certlab.verify.milp import decision_tols, pre_bounds, problem, setup
 from certlab.verify.result import Result
 
 
@@ -116,7 +116,7 @@ def verify(model, x, y, threat, timeout: float = 30.0, pre: str = "crown", refin
         y = core.check_labels(y, x.shape[0], K, x.device)
         for b in range(x.shape[0]):
             t0 = time.perf_counter()
-            xb, yb, ts = x[b:b + 1], y[b:b + 1], sample_threat(threat, x, b)
+            xb, yb, ts = x[b:b + 1], y[b:b + 1], threat.subset(x, torch.tensor([b], device=x.device))
             g = core.build_graph(model, xb)
             C = core.margin_spec(yb, K, x.dtype)
             # CROWN first: the LP is at least as tight, so only rows CROWN leaves open need an LP

@@ -268,17 +268,6 @@ def _attack(model, x, y, threat):
     return check_counterexample(model, x, y, threat, 0, z[0])
 
 
-def sample_threat(threat, x, b):
-    """The threat set restricted to sample b (per-sample eps and directions sliced)."""
-    ts = threat
-    if isinstance(threat.eps, torch.Tensor):
-        ts = threat.with_eps(threat.eps_vector(x)[b:b + 1])
-    if threat.norm == "segments" and threat._raw.dim() == x.dim() + 1:
-        new = type(threat)(threat._raw[b:b + 1], ts.eps, threat.domain)
-        ts = new
-    return ts
-
-
 def verify(model, x, y, threat, timeout: float = 30.0, attack: bool = True, pre: str = "crown") -> list:
     """Complete verification of every sample: a list of :class:`Result` (one per sample).
 
@@ -301,7 +290,7 @@ def _verify_one(model, g, x, y, threat, b, timeout, attack, pre):
     t0 = time.perf_counter()
     deadline = t0 + timeout
     xb, yb = x[b:b + 1], y[b:b + 1]
-    ts = sample_threat(threat, x, b)
+    ts = threat.subset(x, torch.tensor([b], device=x.device))
     done = lambda st, z=None, nodes=0, bound=None: Result(st, z, time.perf_counter() - t0, nodes, bound, "milp")  # noqa: E731
     z = check_counterexample(model, xb, yb, ts, 0, xb[0])
     if z is not None:
