@@ -150,11 +150,12 @@ def test_batch_statistics_are_rechecked_on_the_whole_batch(monkeypatch):
     torch.testing.assert_close(out[~cand], m[~cand])
 
 
-def test_branch_and_bound_does_not_verify_on_rounding(monkeypatch):
-    """Logits in the thousands put float32's rounding far above BaB's solver tolerance (1e-6): a ReLU network whose
-    ReLUs are all active on the set is affine there, so its exact minimum margin is known, and radii 1e-9 past the
-    exact root must never come back verified."""
-    from certlab.verify import bab
+def test_complete_verifiers_do_not_verify_on_rounding(monkeypatch):
+    """Logits in the millions put float32's rounding and HiGHS's error far above the old absolute tolerance (1e-6).
+    A ReLU network whose ReLUs are all active on the set is affine there, so its exact minimum margin is known:
+    radii 1e-9 past the exact root must never come back verified by BaB, the MILP or the LP (all three did, with
+    the absolute tolerance alone)."""
+    from certlab.verify import bab, lp, milp
 
     g = torch.Generator().manual_seed(3)
     n, h, B = 30, 20, 24
@@ -184,9 +185,15 @@ def test_branch_and_bound_does_not_verify_on_rounding(monkeypatch):
     threat = certlab.LinfBall(e, domain=None)
     verdicts = lambda: [r.status for r in bab.verify(model, x, y, threat, timeout=5, attack=False)]  # noqa: E731
     assert "verified" not in verdicts()
-    monkeypatch.setattr(bab, "decision_tols", lambda *a: (bab.TOL, bab.TOL))  # the absolute tolerance alone
+    assert "verified" not in [r.status for r in milp.verify(model, x, y, threat, timeout=5, attack=False)]
+    assert "verified" not in [r.status for r in lp.verify(model, x, y, threat, timeout=5)]
+    absolute = lambda *a: (bab.TOL, bab.TOL)  # noqa: E731  (the absolute tolerance alone)
+    for mod in (bab, milp, lp):
+        monkeypatch.setattr(mod, "decision_tols", absolute)
     monkeypatch.setattr(rounding, "REL", 0.0)  # and no recheck of the screening certify
     assert verdicts().count("verified") >= 3
+    assert [r.status for r in milp.verify(model, x, y, threat, timeout=5, attack=False)].count("verified") >= 3
+    assert [r.status for r in lp.verify(model, x, y, threat, timeout=5)].count("verified") >= 3
 
 
 @pytest.mark.parametrize("kind", ["linf", "l2", "segments"])
