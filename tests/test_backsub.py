@@ -19,7 +19,8 @@ def test_parallel_one_pass_matches_two_passes(kind, net):
         model, x = cnn(2, bn=net == "cnn-bn", size=8), torch.rand(5, 1, 8, 8)
     threat = threat_for(kind, x, 0.3 if kind != "linf" else 0.1)
     g = build_graph(model, x)
-    pre, ibp_pre = backsub.intermediate(g, x, threat, lower="parallel")
+    ibp_pre = {}
+    pre = backsub.intermediate(g, x, threat, lower="parallel", reference=ibp_pre)
     B = x.shape[0]
     checked = 0
     for r in g.relus:
@@ -32,7 +33,8 @@ def test_parallel_one_pass_matches_two_passes(kind, net):
         ref_l, ref_u = low[:, :n], -low[:, n:]
         l, u = (t.reshape(B, -1) for t in pre[r])
         il, iu = (t.reshape(B, -1) for t in ibp_pre[r])
-        unstable = (il < 0) & (iu > 0)  # only these are refined; the rest keep IBP's bounds
+        unstable = (il < 0) & (iu > 0)  # only these are refined; the rest keep IBP's bounds (IBP from the earlier
+        # layers' refined bounds)
         assert torch.allclose(l[unstable], torch.maximum(il, ref_l)[unstable], atol=1e-5, rtol=1e-5)
         assert torch.allclose(u[unstable], torch.minimum(iu, ref_u)[unstable], atol=1e-5, rtol=1e-5)
         checked += int(unstable.sum())
@@ -45,7 +47,7 @@ def test_parallel_one_pass_matches_two_passes(kind, net):
 def test_one_pass_refuses_non_parallel_lines():
     model, x = mlp(0), torch.rand(2, 4)
     g = build_graph(model, x)
-    pre, _ = backsub.intermediate(g, x, threat_for("linf", x, 0.1), lower="adaptive")
+    pre = backsub.intermediate(g, x, threat_for("linf", x, 0.1), lower="adaptive")
     A = torch.eye(3).expand(2, 3, 3)
     with pytest.raises(ValueError, match="parallel"):
         backsub.lower_bound(g, len(g.nodes) - 1, A, pre, x, threat_for("linf", x, 0.1), "adaptive", upper=True)
@@ -73,7 +75,7 @@ def test_patches_grouped_by_position_equal_dense_rows(kind, lower, net):
 def _check_grouped(g, x, threat, lower):
     from certlab.bounds import patches
 
-    pre, _ = backsub.intermediate(g, x, threat, lower=lower)
+    pre = backsub.intermediate(g, x, threat, lower=lower)
     B, checked = x.shape[0], 0
     for r in g.relus:
         p = g.nodes[r].inputs[0]
@@ -112,3 +114,31 @@ def test_intermediate_picks_grouped_patches_when_most_neurons_are_unstable(monke
     assert calls == {"all": 1, "rows": 0}
     backsub.intermediate(g, x, LinfBall(1e-3))  # tiny box: few do
     assert calls["all"] == 1 and calls["rows"] <= 1
+
+
+@pytest.mark.parametrize("lower", ["adaptive", "parallel"])
+def test_interval_reference_starts_from_the_refined_bounds_of_earlier_layers(lower):
+    """The IBP bounds each layer's refinement starts from are propagated from the earlier layers' refined bounds:
+    never wider than plain IBP's, narrower for deeper layers (fewer neurons left to back-substitute), and the
+    refined bounds lie inside them."""
+    from certlab import LinfBall
+    from certlab.bounds.ibp import interval_pass
+
+    torch.manual_seed(0)
+    model, x = mlp(4, widths=(6, 16, 16, 16, 3)), torch.rand(8, 6)
+    threat = LinfBall(0.15)
+    g = build_graph(model, x)
+    ref = {}
+    pre = backsub.intermediate(g, x, threat, lower=lower, reference=ref)
+    plain = interval_pass(g, x, threat)[0]
+    narrower = 0
+    for k, r in enumerate(g.relus):
+        (rl, ru), (pl, pu), (l, u) = ref[r], plain[r], pre[r]
+        assert (rl >= pl - 1e-6).all() and (ru <= pu + 1e-6).all()
+        assert (l >= rl - 1e-6).all() and (u <= ru + 1e-6).all()
+        if k >= 1:
+            narrower += int(((ru - rl) < (pu - pl) - 1e-5).sum())
+    assert narrower > 0
+    crossing = lambda lo, up: int(((lo < 0) & (up > 0)).sum())  # noqa: E731
+    r = g.relus[-1]
+    assert crossing(*ref[r]) < crossing(*plain[r])

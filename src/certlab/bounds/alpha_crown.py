@@ -14,7 +14,7 @@ from certlab.errors import InputError
 
 
 def intermediate(g, x, threat, **_):
-    return backsub.intermediate(g, x, threat, lower="adaptive")[0]
+    return backsub.intermediate(g, x, threat, lower="adaptive")
 
 
 def _start(g, x):

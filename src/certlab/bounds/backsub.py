@@ -12,7 +12,8 @@ s = u/(u−l), t = −l·s for crossing neurons; the lower slope a is what tells
 (Fast-Lin: a = s; CROWN: a = 1[u > −l]; α-CROWN: a = α ∈ [0, 1] optimised). Upper bounds are lower bounds of −Λ.
 
 Intermediate bounds are computed node by node with Λ = rows of the identity, only for the neurons that are not
-already known to be stable (from IBP, which the result is intersected with — both are sound).
+already known to be stable (from IBP, which the result is intersected with — both are sound). The IBP reference of
+a layer starts from the tightened bounds of the layers before it.
 """
 
 from __future__ import annotations
@@ -108,19 +109,25 @@ def both_bounds(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
     return low[:, :S], -low[:, S:]
 
 
-def intermediate(g, x, threat, lower="adaptive"):
-    """Pre-activation bounds of every ReLU by back-substitution, intersected with IBP's."""
+def intermediate(g, x, threat, lower="adaptive", reference=None):
+    """Pre-activation bounds of every ReLU by back-substitution, intersected with IBP's.
+
+    Layer by layer: the interval pass reaches a ReLU with IBP bounds computed from the (tighter) bounds of the ReLUs
+    before it, back-substitution bounds the neurons those call unstable, and the pass goes on from the intersection.
+    Neurons it calls stable keep their interval bounds: a stable ReLU is relaxed exactly whatever its bounds, so the
+    result is never looser than back-substituting every neuron, and deeper layers see fewer unstable ones.
+
+    Returns {ReLU node: (l, u)}; a dict passed as ``reference`` receives the interval bounds each layer started from."""
     from certlab.bounds.ibp import interval_pass
 
-    ibp_pre, _, exact = interval_pass(g, x, threat)
-    pre = {}
     B = x.shape[0]
-    for r in g.relus:
+
+    def tighten(r, l, u, pre, exact):
         p = g.nodes[r].inputs[0]
-        l, u = ibp_pre[r]
+        if reference is not None:
+            reference[r] = (l, u)
         if p in exact:
-            pre[r] = (l, u)
-            continue
+            return l, u
         shape = l.shape[1:]
         lf, uf = l.reshape(B, -1), u.reshape(B, -1)
         n = lf.shape[1]
@@ -128,13 +135,11 @@ def intermediate(g, x, threat, lower="adaptive"):
         cnt = unstable.sum(1)
         S = int(cnt.max().item()) if B else 0
         if S == 0:
-            pre[r] = (l, u)
-            continue
+            return l, u
         path = patches.chain(g, p)
         if path is not None and 2 * S >= n:  # most neurons need bounds: all of them, patches grouped by position
             lo, hi = patches.bounds_all(g, p, path, pre, x, threat, lower)
-            pre[r] = (torch.maximum(l, lo), torch.minimum(u, hi))
-            continue
+            return torch.maximum(l, lo), torch.minimum(u, hi)
         idx = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :S]
         valid = torch.arange(S, device=x.device).unsqueeze(0) < cnt.unsqueeze(1)
         if path is not None:  # convolution chain to the input: receptive-field patches instead of dense rows
@@ -156,8 +161,9 @@ def intermediate(g, x, threat, lower="adaptive"):
         ninf = torch.full((B, n + 1), float("-inf"), device=x.device, dtype=x.dtype)
         new_l = ninf.scatter(1, slot, lo)[:, :n]
         new_u = (-ninf).scatter(1, slot, hi)[:, :n]
-        pre[r] = (torch.maximum(lf, new_l).reshape(l.shape), torch.minimum(uf, new_u).reshape(u.shape))
-    return pre, ibp_pre
+        return torch.maximum(lf, new_l).reshape(l.shape), torch.minimum(uf, new_u).reshape(u.shape)
+
+    return interval_pass(g, x, threat, tighten=tighten)[0]
 
 
 def output(g, x, threat, pre, lower="adaptive", alpha=None, lower_only=False):

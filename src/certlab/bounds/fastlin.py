@@ -8,7 +8,7 @@ from certlab.bounds import backsub
 
 
 def intermediate(g, x, threat, **_):
-    return backsub.intermediate(g, x, threat, lower="parallel")[0]
+    return backsub.intermediate(g, x, threat, lower="parallel")
 
 
 def compute(g, x, threat, lower_only=False, **_):

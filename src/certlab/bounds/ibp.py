@@ -107,13 +107,19 @@ def _owned(g, refined):
     return {i for i in range(len(g.nodes)) if fresh[i] and uses[i] == 1}
 
 
-def interval_pass(g, x, threat, keep_pre=True):
+def interval_pass(g, x, threat, keep_pre=True, tighten=None):
     """Run IBP over graph g. Returns (pre, (lower, upper) at the output, exact prefix nodes) where
     pre[i] = (l, u) are the bounds of the input of ReLU node i (an empty dict when ``keep_pre`` is False).
+
+    ``tighten(i, l, u, pre, exact)``, when given, is called at each ReLU node i with its interval bounds and the
+    bounds of the ReLUs before it, and returns bounds that replace them (sound ones, e.g. intersected with a
+    back-substitution's): the pass then goes on from the tighter interval, so later reference bounds are tighter too.
 
     Centre and radius from an interval [l, u] are c = lerp(l, u, ½) and r = u − c: two elementwise passes instead
     of four. Without ``keep_pre`` the ReLUs work in place (on tensors nothing else holds, when no gradient is
     recorded)."""
+    if tighten is not None and not keep_pre:
+        raise ValueError("interval_pass: tighten needs keep_pre")
     refined, exact = prefix_bounds(g, x, threat)
     owned = set() if keep_pre else _owned(g, refined)
     val = {0: threat.centre_radius(x)}
@@ -135,6 +141,8 @@ def interval_pass(g, x, threat, keep_pre=True):
                 c, r = _relu_interval(c, r, own=j in owned)
             else:
                 l, u = c - r, c + r
+                if tighten is not None:
+                    l, u = tighten(i, l, u, pre, exact)
                 if keep_pre:
                     pre[i] = (l, u)
                     l, u = torch.relu(l), torch.relu(u)  # relu's backward is one fused kernel; clamp_min's: ge + where

@@ -335,7 +335,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
             return done("falsified", z)
     S = _Search(model, x, y, threat, batch, iters)
     S.tol, S.tol_solver = decision_tols(model, x, y, threat)
-    pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")[0]
+    pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")
     lo = [pre0[r][0].reshape(1, -1) for r in S.relus]
     hi = [pre0[r][1].reshape(1, -1) for r in S.relus]
     split = [torch.zeros_like(v, dtype=torch.int8) for v in lo]

@@ -72,7 +72,7 @@ def pre_bounds(g, x, threat, method: str = "crown"):
     if method == "ibp":
         return interval_pass(g, x, threat)[0]
     if method == "crown":
-        return backsub.intermediate(g, x, threat, lower="adaptive")[0]
+        return backsub.intermediate(g, x, threat, lower="adaptive")
     raise InputError(f"pre-activation bounds must come from 'ibp' or 'crown', got {method!r}")
 
 
