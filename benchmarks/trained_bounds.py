@@ -28,6 +28,7 @@ import certlab  # noqa: E402
 from certlab.bounds import backsub  # noqa: E402
 from certlab.bounds.core import build_graph  # noqa: E402
 from certlab.bounds.ibp import interval_pass  # noqa: E402
+from certlab.errors import CertlabError  # noqa: E402
 from certlab.train.run import load_run  # noqa: E402
 from certlab.train.setup import load_data  # noqa: E402
 from certlab.train.threats import ThreatMaker  # noqa: E402
@@ -61,8 +62,12 @@ def main(argv=None):
     ap.add_argument("--which", default="last", choices=("best", "last"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    model, cfg = load_run(a.run, a.which)
-    _, test, info = load_data(cfg)
+    try:
+        model, cfg = load_run(a.run, a.which)
+        _, test, info = load_data(cfg)
+    except CertlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     x, y = test.x[: a.batch].float(), test.y[: a.batch].long()
     norm = a.norm or cfg.norm
     threat = ThreatMaker(norm, info.name, info, cfg.k, cfg.seed, cfg.segment_dirs)(x, a.eps)
