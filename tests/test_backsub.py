@@ -142,3 +142,87 @@ def test_interval_reference_starts_from_the_refined_bounds_of_earlier_layers(low
     crossing = lambda lo, up: int(((lo < 0) & (up > 0)).sum())  # noqa: E731
     r = g.relus[-1]
     assert crossing(*ref[r]) < crossing(*plain[r])
+
+
+def _strided_net(seed, k1, s1, p1, k2, s2, p2, size, bn, extra):
+    import torch.nn as nn
+
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(2, 3, k1, stride=s1, padding=p1), nn.ReLU()]
+    if bn:
+        layers += [nn.BatchNorm2d(3), nn.ReLU()]
+    layers += [nn.Conv2d(3, 4, k2, stride=s2, padding=p2), nn.ReLU()]
+    if extra:  # a third strided convolution: the stride product passes phased.MAX_FACTOR
+        layers += [nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU()]
+    layers += [nn.Flatten()]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        n = model(torch.zeros(1, 2, size, size)).shape[1]
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(*layers, nn.Linear(n, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
+    return model
+
+
+@pytest.mark.parametrize("lower", ["adaptive", "parallel"])
+@pytest.mark.parametrize("cfg", [
+    (4, 2, 1, 4, 2, 1, 12, False, False),  # the small MNIST CNN's geometry
+    (3, 2, 1, 3, 2, 0, 11, False, False),  # kernel not a multiple of the stride; rows no output reaches
+    (5, 3, 2, 2, 2, 0, 13, True, False),   # stride 3, BatchNorm between (rows go plain there)
+    (1, 2, 0, 4, 2, 2, 10, False, True),   # 1×1 kernel; a third stride-2 convolution (stride product 8)
+    (3, 1, 1, 4, 2, 1, 9, False, False),   # a stride-1 convolution first (not phased)
+])
+def test_phased_rows_equal_transposed_convolutions(cfg, lower):
+    """Dense rows back through strided convolutions in the polyphase layout (phased.py) give the same bounds as the
+    plain transposed convolutions, for every threat set, with lower and upper rows in one or two passes."""
+    model = _strided_net(5, *cfg)
+    size = cfg[6]
+    x = torch.rand(3, 2, size, size)
+    for kind in ("linf", "l2", "segments"):
+        threat = threat_for(kind, x, 0.3 if kind != "linf" else 0.1)
+        g = build_graph(model, x)
+        pre = backsub.intermediate(g, x, threat, lower=lower)
+        start = len(g.nodes) - 1
+        A = torch.randn(3, 5, 3)
+        for upper in ((False, True) if lower == "parallel" else (False,)):
+            got = backsub.lower_bound(g, start, A, pre, x, threat, lower, upper=upper)
+            backsub.PHASED = False
+            try:
+                ref = backsub.lower_bound(g, start, A, pre, x, threat, lower, upper=upper)
+            finally:
+                backsub.PHASED = True
+            for a_, b_ in zip(got if upper else (got,), ref if upper else (ref,)):
+                scale = max(1.0, float(b_.detach().abs().max()))
+                torch.testing.assert_close(a_, b_, atol=2e-6 * scale, rtol=1e-5)
+
+
+def test_phased_rows_are_used_and_keep_gradients(monkeypatch):
+    """The polyphase path is taken for a strided convolution after a ReLU, and gradients through it equal those
+    through the transposed convolutions."""
+    from certlab.bounds import phased
+
+    calls = {"n": 0}
+    real = phased.back
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(phased, "back", counted)
+    model = _strided_net(1, 4, 2, 1, 4, 2, 1, 12, False, False)
+    x = torch.rand(2, 2, 12, 12)
+    threat = threat_for("linf", x, 0.05)
+    grads = []
+    for flag in (True, False):
+        monkeypatch.setattr(backsub, "PHASED", flag)
+        model.zero_grad()
+        g = build_graph(model, x)
+        pre = backsub.intermediate(g, x, threat)
+        lo, hi = backsub.output(g, x, threat, pre)
+        (lo.sum() - hi.sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert calls["n"] >= 2  # the second convolution, and the first from phased rows
+    for a_, b_ in zip(*grads):
+        torch.testing.assert_close(a_, b_, atol=1e-4, rtol=1e-4)

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from certlab.bounds import patches
+from certlab.bounds import patches, phased
+
+
+PHASED = True  # dense rows through strided convolutions in the polyphase layout (False: transposed convolutions)
 
 
 def relu_lines(l, u, lower="adaptive"):
@@ -54,21 +57,34 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
     total_hi = total
     pending = {start: A}
     nodes = g.nodes
+    kernels = {} if alpha is None and PHASED else None  # polyphase rows through strided convolutions (phased.py);
+    # α is per neuron in the plain layout, so α-CROWN's passes stay plain
     for i in range(start, 0, -1):
         Ai = pending.pop(i, None)
         if Ai is None:
             continue
         node = nodes[i]
+        if isinstance(Ai, phased.Phased) and node.kind != "relu" and not (
+                node.kind == "affine" and phased.eligible(node.op, Ai) and _phase_target(g, node)):
+            Ai = Ai.plain()
         if node.kind == "affine":
-            bias = node.op.bias_back(Ai)
+            if isinstance(Ai, phased.Phased) or (kernels is not None and phased.eligible(node.op, Ai)
+                                                  and nodes[node.inputs[0]].kind == "relu"):
+                bias = phased.bias(node.op, Ai) if isinstance(Ai, phased.Phased) else node.op.bias_back(Ai)
+                back = phased.back(node.op, Ai, kernels)
+            else:
+                bias, back = node.op.bias_back(Ai), None
             total = total + bias
             if upper:
                 total_hi = total_hi + bias
-            _acc(pending, node.inputs[0], node.op.back(Ai))
+            _acc(pending, node.inputs[0], back if back is not None else node.op.back(Ai))
         elif node.kind == "relu":
             l, u = pre[i]
             a, s, t, crossing = relu_lines(l, u, lower)
             a, s, t = a.unsqueeze(1), s.unsqueeze(1), t.unsqueeze(1)
+            ph = Ai if isinstance(Ai, phased.Phased) else None
+            if ph is not None:  # the maps in the rows' layout (zero where the layout has no neuron)
+                Ai, a, s, t = ph.Z, ph.map(a), ph.map(s), ph.map(t)
             # constants as batched dot products with t (no [B, S, n] temporary)
             Bn, Sn = Ai.shape[:2]
             t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1, 1)
@@ -76,7 +92,7 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
                 neg_t = torch.bmm(Ai.clamp(max=0).reshape(Bn, Sn, -1), t_b).squeeze(-1)
                 all_t = torch.bmm(Ai.reshape(Bn, Sn, -1), t_b).squeeze(-1)
                 total, total_hi = total + neg_t, total_hi + (all_t - neg_t)
-                _acc(pending, node.inputs[0], Ai * s)
+                _acc(pending, node.inputs[0], _wrap(Ai * s, ph))
                 continue
             if alpha is not None and i in alpha:
                 a = torch.where(crossing.unsqueeze(1), alpha[i], a)
@@ -84,17 +100,33 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
             # (Λ⁻, and the result, updated in place) instead of five passes and four allocations
             neg = Ai.clamp(max=0)
             total = total + torch.bmm(neg.reshape(Bn, Sn, -1), t_b).squeeze(-1)
-            _acc(pending, node.inputs[0], (Ai * a).addcmul_(neg, s - a))
+            _acc(pending, node.inputs[0], _wrap((Ai * a).addcmul_(neg, s - a), ph))
         else:  # add
             _acc(pending, node.inputs[0], Ai)
             _acc(pending, node.inputs[1], Ai)
     A0 = pending.pop(0)
-    low, up = threat.concretize(A0, x)
+    low, up = phased.concretize(threat, x, A0) if isinstance(A0, phased.Phased) else threat.concretize(A0, x)
     return (low + total, up + total_hi) if upper else low + total
 
 
 def _acc(pending, j, A):
-    pending[j] = A if j not in pending else pending[j] + A
+    if j not in pending:
+        pending[j] = A
+        return
+    old = pending[j]
+    plain = (lambda v: v.plain() if isinstance(v, phased.Phased) else v)
+    pending[j] = plain(old) + plain(A)
+
+
+def _wrap(Z, ph):
+    return Z if ph is None else phased.Phased(Z, ph.S, ph.base, ph.shape)
+
+
+def _phase_target(g, node):
+    """Phased rows may go on through this convolution when what receives them keeps or ends the layout: a ReLU
+    (whose maps zero the entries outside the layer) or the input."""
+    j = node.inputs[0]
+    return j == 0 or g.nodes[j].kind == "relu"
 
 
 def both_bounds(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const=None, lower_only=False):
