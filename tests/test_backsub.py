@@ -198,6 +198,32 @@ def test_phased_rows_equal_transposed_convolutions(cfg, lower):
                 torch.testing.assert_close(a_, b_, atol=2e-6 * scale, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["fastlin", "crown", "crown-ibp", "alpha-crown"])
+def test_phased_rows_through_convolutions_without_bias(method):
+    """A strided convolution without a bias, and a one-channel AvgPool2d (a convolution with no bias), in the
+    polyphase path: the same bounds as the transposed convolutions (once crashed: the bias sum read op.b)."""
+    import torch.nn as nn
+
+    import certlab
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 12, 12)
+    nets = [nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, bias=False), nn.ReLU(), nn.Conv2d(3, 2, 2, stride=2, bias=False),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)),
+            nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(36, 3))]
+    for model in nets:
+        model.eval()
+        got = certlab.bounds(model, x, certlab.LinfBall(0.1), method=method)
+        backsub.PHASED = False
+        try:
+            ref = certlab.bounds(model, x, certlab.LinfBall(0.1), method=method)
+        finally:
+            backsub.PHASED = True
+        torch.testing.assert_close(got.lower, ref.lower, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.upper, ref.upper, atol=1e-5, rtol=1e-5)
+
+
 def test_phased_rows_are_used_and_keep_gradients(monkeypatch):
     """The polyphase path is taken for a strided convolution after a ReLU, and gradients through it equal those
     through the transposed convolutions."""

@@ -113,4 +113,6 @@ def back(op, A, cache):
 def bias(op, A):
     """Σ A·b over the rows' channels and positions for Phased rows whose entries outside the layer are zero."""
     B, R = A.Z.shape[:2]
+    if op.b is None:
+        return A.Z.new_zeros(B, R)
     return A.Z.reshape(B, R, op.out_shape[0], -1).sum(-1).matmul(op.b)
