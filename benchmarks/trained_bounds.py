@@ -63,14 +63,16 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     try:
+        if not (a.eps >= 0 and a.batch > 0 and a.reps > 0):
+            raise CertlabError(f"--eps must be >= 0 and --batch, --reps positive (got {a.eps}, {a.batch}, {a.reps})")
         model, cfg = load_run(a.run, a.which)
         _, test, info = load_data(cfg)
+        x, y = test.x[: a.batch].float(), test.y[: a.batch].long()
+        norm = a.norm or cfg.norm
+        threat = ThreatMaker(norm, info.name, info, cfg.k, cfg.seed, cfg.segment_dirs)(x, a.eps)
     except CertlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    x, y = test.x[: a.batch].float(), test.y[: a.batch].long()
-    norm = a.norm or cfg.norm
-    threat = ThreatMaker(norm, info.name, info, cfg.k, cfg.seed, cfg.segment_dirs)(x, a.eps)
     print(f"{a.run} ({a.which}.pt), {x.shape[0]} test images, {norm} eps {a.eps}, threads {a.threads}, "
           f"memory settings: {MEMORY}")
     with torch.no_grad():
