@@ -188,11 +188,9 @@ def test_phased_rows_equal_transposed_convolutions(cfg, lower):
         A = torch.randn(3, 5, 3)
         for upper in ((False, True) if lower == "parallel" else (False,)):
             got = backsub.lower_bound(g, start, A, pre, x, threat, lower, upper=upper)
-            backsub.PHASED = False
-            try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(backsub, "PHASED", False)
                 ref = backsub.lower_bound(g, start, A, pre, x, threat, lower, upper=upper)
-            finally:
-                backsub.PHASED = True
             for a_, b_ in zip(got if upper else (got,), ref if upper else (ref,)):
                 scale = max(1.0, float(b_.detach().abs().max()))
                 torch.testing.assert_close(a_, b_, atol=2e-6 * scale, rtol=1e-5)
@@ -215,11 +213,9 @@ def test_phased_rows_through_convolutions_without_bias(method):
     for model in nets:
         model.eval()
         got = certlab.bounds(model, x, certlab.LinfBall(0.1), method=method)
-        backsub.PHASED = False
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(backsub, "PHASED", False)
             ref = certlab.bounds(model, x, certlab.LinfBall(0.1), method=method)
-        finally:
-            backsub.PHASED = True
         torch.testing.assert_close(got.lower, ref.lower, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got.upper, ref.upper, atol=1e-5, rtol=1e-5)
 

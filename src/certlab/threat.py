@@ -136,7 +136,9 @@ class ThreatSet:
         return lo, hi
 
     @staticmethod
-    def _box_concretize(A, lo, hi):
+    def box_concretize(A, lo, hi):
+        """(min, max) of A·x' over the box [lo, hi] per row: A [B, S, …]; lo, hi [B, …] with as many entries per
+        sample as a row of A has."""
         B, S = A.shape[:2]
         mid = ((lo + hi) / 2).reshape(B, 1, -1)
         rad = ((hi - lo) / 2).reshape(B, 1, -1)
@@ -184,7 +186,7 @@ class LinfBall(ThreatSet):
 
     def concretize(self, A, x):
         lo, hi = self._box(x)
-        return self._box_concretize(A, lo, hi)
+        return self.box_concretize(A, lo, hi)
 
     def project(self, z, x):
         lo, hi = self._box(x)
@@ -224,7 +226,7 @@ class L2Ball(ThreatSet):
         lo_ball, hi_ball = c - r, c + r
         if self.domain is None:
             return lo_ball, hi_ball
-        lo_box, hi_box = self._box_concretize(A, *self._box(x))
+        lo_box, hi_box = self.box_concretize(A, *self._box(x))
         return torch.max(lo_ball, lo_box), torch.min(hi_ball, hi_box)
 
     def project(self, z, x, iters: int = 40):

@@ -62,7 +62,7 @@ def concretize(threat, x, A):
     if threat.norm != "linf":
         return threat.concretize(A.plain(), x)
     lo, hi = threat.interval_hull(x)
-    return threat._box_concretize(A.Z, A.map(lo), A.map(hi))
+    return threat.box_concretize(A.Z, A.map(lo), A.map(hi))
 
 
 def eligible(op, A=None) -> bool:
