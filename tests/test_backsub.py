@@ -248,3 +248,33 @@ def test_phased_rows_are_used_and_keep_gradients(monkeypatch):
     assert calls["n"] >= 2  # the second convolution, and the first from phased rows
     for a_, b_ in zip(*grads):
         torch.testing.assert_close(a_, b_, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lower", ["adaptive", "parallel"])
+def test_relu_lines_match_the_case_definitions_and_bound_relu(lower, dtype):
+    """relu_lines computes its lines with arithmetic only; they equal the case-by-case definitions (chord for crossing
+    neurons, identity for active, zero for dead, the adaptive lower slope 1[u > −l]) and enclose relu on [l, u]."""
+    torch.manual_seed(0)
+    l = torch.randn(4000, dtype=dtype) * 2
+    u = l + torch.rand(4000, dtype=dtype) * 3
+    # the edges: l = u = 0, l = 0 < u, l < 0 = u, l = u (both signs), u = −l, and widths near float resolution
+    el = torch.tensor([0.0, 0.0, -1.0, 2.0, -2.0, -1.5, -1e-30, 3.0, -1e-7], dtype=dtype)
+    eu = torch.tensor([0.0, 1.0, 0.0, 2.0, -2.0, 1.5, 1e-30, 3.0 + 1e-6, 1e-7], dtype=dtype)
+    l, u = torch.cat([l, el]), torch.cat([u, eu])
+    a, s, t, crossing = backsub.relu_lines(l, u, lower, crossing=True)
+    assert torch.equal(crossing, (l < 0) & (u > 0))
+    active, dead = l >= 0, u <= 0
+    chord = u / (u - l)
+    assert torch.equal(s[crossing], chord[crossing])
+    assert torch.equal(t[crossing], (-l * chord)[crossing])
+    assert bool((s[active & (u > 0)] == 1).all()) and bool((s[dead] == 0).all()) and bool((t[~crossing] == 0).all())
+    want_a = s if lower == "parallel" else torch.where(crossing, (u > -l).to(dtype), (l >= 0).to(dtype))
+    keep = ~((l == 0) & (u == 0))  # a neuron fixed at 0: any slope is exact there
+    assert torch.equal(a[keep], want_a[keep])
+    assert bool(((a >= 0) & (a <= 1) & (s >= 0) & (s <= 1)).all())
+    z = l.unsqueeze(1) + (u - l).unsqueeze(1) * torch.linspace(0, 1, 11, dtype=dtype)  # points of [l, u]
+    r = z.clamp(min=0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert bool((a.unsqueeze(1) * z <= r + tol * (1 + z.abs())).all())
+    assert bool((s.unsqueeze(1) * z + t.unsqueeze(1) >= r - tol * (1 + z.abs())).all())

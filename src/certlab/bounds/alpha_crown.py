@@ -37,7 +37,7 @@ def compute(g, x, threat, lower_only=False, iters=20, lr=0.1, **_):
     relus = [i for i in g.relus if i <= start]
     init = {}
     for i in relus:
-        a, _, _, _ = backsub.relu_lines(*pre[i], lower="adaptive")
+        a = backsub.relu_lines(*pre[i], lower="adaptive")[0]
         init[i] = a.detach().unsqueeze(1).expand(-1, S, *a.shape[1:]).clone()
     det_pre = {i: (l.detach(), u.detach()) for i, (l, u) in pre.items()}
     best_alpha = {i: v.clone() for i, v in init.items()}

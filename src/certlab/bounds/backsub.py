@@ -26,18 +26,21 @@ from certlab.bounds import patches, phased
 PHASED = True  # dense rows through strided convolutions in the polyphase layout on CPU (False: transposed convolutions)
 
 
-def relu_lines(l, u, lower="adaptive"):
-    """(lower slope a, upper slope s, upper intercept t, crossing mask) for pre-activation bounds [l, u]."""
-    crossing = (l < 0) & (u > 0)
-    active = (l >= 0).to(l.dtype)
-    s_cross = u / (u - l).clamp_min(1e-12)
-    s = torch.where(crossing, s_cross, active)
-    t = torch.where(crossing, -l * s_cross, torch.zeros_like(l))
-    if lower == "parallel":
-        a = s
-    else:  # adaptive (CROWN): the slope of the smaller-area lower line
-        a = torch.where(crossing, (u > -l).to(l.dtype), active)
-    return a, s, t, crossing
+def relu_lines(l, u, lower="adaptive", crossing=False):
+    """(lower slope a, upper slope s, upper intercept t) for pre-activation bounds [l, u], and the crossing mask
+    (l < 0 < u) after them when ``crossing``.
+
+    With l⁻ = min(l, 0) and u⁺ = max(u, 0): s = u⁺/(u⁺ − l⁻), which is the chord slope u/(u − l) for a crossing
+    neuron, 1 for an active one (u/u) and 0 for a dead one (0/−l, and 0/tiny when l = u = 0); t = −l⁻·s. The adaptive
+    lower slope is 1 where u⁺ + l⁻ > 0 (a crossing neuron with u > −l, or an active one) and 0 elsewhere. Only
+    arithmetic: comparisons and ``where`` run several times slower than it on CPU tensors."""
+    lm, up = l.clamp(max=0), u.clamp(min=0)
+    s = up / (up - lm).clamp_min(torch.finfo(l.dtype).tiny)
+    t = -lm * s
+    a = s if lower == "parallel" else torch.sign((up + lm).clamp_min(0))
+    if crossing:
+        return a, s, t, (l < 0) & (u > 0)
+    return a, s, t
 
 
 def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const=None, upper=False):
@@ -81,27 +84,31 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
             _acc(pending, node.inputs[0], back if back is not None else node.op.back(Ai))
         elif node.kind == "relu":
             l, u = pre[i]
-            a, s, t, crossing = relu_lines(l, u, lower)
+            a, s, t, *crossing = relu_lines(l, u, lower, crossing=alpha is not None and i in alpha)
             a, s, t = a.unsqueeze(1), s.unsqueeze(1), t.unsqueeze(1)
             ph = Ai if isinstance(Ai, phased.Phased) else None
             if ph is not None:  # the maps in the rows' layout (zero where the layout has no neuron)
                 Ai, a, s, t = ph.Z, ph.map(a), ph.map(s), ph.map(t)
-            # constants as batched dot products with t (no [B, S, n] temporary)
+            # constants as batched dot products with t (no [B, S, n] temporary); elementwise work on [B, S, n] views
+            # (broadcasting over 5-D shapes runs several times slower in torch's CPU kernels than over 3-D)
             Bn, Sn = Ai.shape[:2]
+            shape = Ai.shape
             t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1, 1)
+            Ai, a, s = Ai.reshape(Bn, Sn, -1), a.reshape(a.shape[0], 1, -1), s.reshape(s.shape[0], 1, -1)
             if upper:  # a = s: Λ ↦ Λs; lower constant Λ⁻t, upper constant Λ⁺t = Λt − Λ⁻t
-                neg_t = torch.bmm(Ai.clamp(max=0).reshape(Bn, Sn, -1), t_b).squeeze(-1)
-                all_t = torch.bmm(Ai.reshape(Bn, Sn, -1), t_b).squeeze(-1)
+                neg_t = torch.bmm(Ai.clamp(max=0), t_b).squeeze(-1)
+                all_t = torch.bmm(Ai, t_b).squeeze(-1)
                 total, total_hi = total + neg_t, total_hi + (all_t - neg_t)
-                _acc(pending, node.inputs[0], _wrap(Ai * s, ph))
+                _acc(pending, node.inputs[0], _wrap((Ai * s).reshape(shape), ph))
                 continue
             if alpha is not None and i in alpha:
-                a = torch.where(crossing.unsqueeze(1), alpha[i], a)
+                a = torch.where(crossing[0].unsqueeze(1), alpha[i], a.reshape(a.shape[0], 1, *shape[2:]))
+                a = a.reshape(*a.shape[:2], -1)
             # Λ⁺a + Λ⁻s = Λa + Λ⁻(s − a); the constant Λ⁻t. Three passes over Λ-sized tensors and two allocations
             # (Λ⁻, and the result, updated in place) instead of five passes and four allocations
             neg = Ai.clamp(max=0)
-            total = total + torch.bmm(neg.reshape(Bn, Sn, -1), t_b).squeeze(-1)
-            _acc(pending, node.inputs[0], _wrap((Ai * a).addcmul_(neg, s - a), ph))
+            total = total + torch.bmm(neg, t_b).squeeze(-1)
+            _acc(pending, node.inputs[0], _wrap((Ai * a).addcmul_(neg, s - a).reshape(shape), ph))
         else:  # add
             _acc(pending, node.inputs[0], Ai)
             _acc(pending, node.inputs[1], Ai)

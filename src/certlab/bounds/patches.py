@@ -146,7 +146,7 @@ def _back(g, start, path, P, rows, cols, pre, x, threat, lower, upper=False):
         if node.kind == "relu":
             geo = _Geometry((Hc, Wc), P.shape[-2:], st, pad, rows, cols, grouped)
             l, u = pre[i]
-            a, s, t, _ = relu_lines(l, u, lower)
+            a, s, t = relu_lines(l, u, lower)
             if upper:  # a = s: P ↦ P·s; constants P⁻t (lower) and P⁺t = Pt − P⁻t (upper)
                 tg = geo.gather(t)
                 neg_t = _dot(P.clamp(max=0), tg)

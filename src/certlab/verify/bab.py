@@ -105,7 +105,7 @@ class _Search:
                 _acc(pending, node.inputs[0], node.op.back(Ai))
             elif node.kind == "relu":
                 coefs[i] = Ai
-                a, s, t, cross = backsub.relu_lines(*pre[i], lower="adaptive")
+                a, s, t, cross = backsub.relu_lines(*pre[i], lower="adaptive", crossing=True)
                 a = a.unsqueeze(1)
                 if alpha is not None and i in alpha:
                     a = torch.where(cross.unsqueeze(1), alpha[i], a)
@@ -132,7 +132,7 @@ class _Search:
             if r > self.start:
                 continue
             shape = self.shapes[pos]
-            a, _, _, _ = backsub.relu_lines(*pre[r], lower="adaptive")
+            a = backsub.relu_lines(*pre[r], lower="adaptive")[0]
             alpha[r] = a.unsqueeze(1).expand(N, Sr, *shape).clone().requires_grad_(True)
             sg = split[pos].to(X.dtype).reshape(N, *shape)
             if bool((sg != 0).any()):
