@@ -106,6 +106,13 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
                 a = a.reshape(*a.shape[:2], -1)
             # Λ⁺a + Λ⁻s = Λa + Λ⁻(s − a); the constant Λ⁻t. Three passes over Λ-sized tensors and two allocations
             # (Λ⁻, and the result, updated in place) instead of five passes and four allocations
+            if Ai.requires_grad and torch.is_grad_enabled():
+                # 2Λ⁻ = Λ − |Λ|: abs's backward multiplies by sign(Λ), clamp's selects with a mask (a comparison and
+                # a where, several times slower on CPU tensors)
+                neg2 = Ai - Ai.abs()
+                total = total + torch.bmm(neg2, t_b).squeeze(-1) * 0.5
+                _acc(pending, node.inputs[0], _wrap((Ai * a).addcmul_(neg2, (s - a) * 0.5).reshape(shape), ph))
+                continue
             neg = Ai.clamp(max=0)
             total = total + torch.bmm(neg, t_b).squeeze(-1)
             _acc(pending, node.inputs[0], _wrap((Ai * a).addcmul_(neg, s - a).reshape(shape), ph))
