@@ -40,7 +40,9 @@ def _run(g, x, threat):
         G, c, E = v
         l, u = _bounds(G, c, E, x, threat)
         crossing = (l < 0) & (u > 0)
-        lam = torch.where(crossing, u / (u - l).clamp_min(1e-12), (l >= 0).to(x.dtype))
+        # u − l ≥ u > 0 where crossing; the floor only keeps the unused branch finite (l = u = 0), and at the dtype's
+        # smallest normal it cannot shrink a real chord slope (which μ = −λl/2 below must match to stay sound)
+        lam = torch.where(crossing, u / (u - l).clamp_min(torch.finfo(x.dtype).tiny), (l >= 0).to(x.dtype))
         mu = torch.where(crossing, -lam * l / 2, torch.zeros_like(l))
         E2 = {k: e * lam.unsqueeze(1) for k, e in E.items()}
         # one new error term per neuron that crosses in some sample of the batch
