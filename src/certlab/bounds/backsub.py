@@ -95,8 +95,11 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
             shape = Ai.shape
             t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1, 1)
             Ai, a, s = Ai.reshape(Bn, Sn, -1), a.reshape(a.shape[0], 1, -1), s.reshape(s.shape[0], 1, -1)
+            # Λ⁻ as neg·h: clamp without gradients; with them 2Λ⁻ = Λ − |Λ| (h = ½), whose backward multiplies by
+            # sign(Λ) where clamp's selects with a mask (a comparison and a where, several times slower on CPU)
+            neg, h = (Ai - Ai.abs(), 0.5) if Ai.requires_grad and torch.is_grad_enabled() else (Ai.clamp(max=0), 1.0)
+            neg_t = torch.bmm(neg, t_b).squeeze(-1) * h
             if upper:  # a = s: Λ ↦ Λs; lower constant Λ⁻t, upper constant Λ⁺t = Λt − Λ⁻t
-                neg_t = torch.bmm(Ai.clamp(max=0), t_b).squeeze(-1)
                 all_t = torch.bmm(Ai, t_b).squeeze(-1)
                 total, total_hi = total + neg_t, total_hi + (all_t - neg_t)
                 _acc(pending, node.inputs[0], _wrap((Ai * s).reshape(shape), ph))
@@ -106,16 +109,8 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
                 a = a.reshape(*a.shape[:2], -1)
             # Λ⁺a + Λ⁻s = Λa + Λ⁻(s − a); the constant Λ⁻t. Three passes over Λ-sized tensors and two allocations
             # (Λ⁻, and the result, updated in place) instead of five passes and four allocations
-            if Ai.requires_grad and torch.is_grad_enabled():
-                # 2Λ⁻ = Λ − |Λ|: abs's backward multiplies by sign(Λ), clamp's selects with a mask (a comparison and
-                # a where, several times slower on CPU tensors)
-                neg2 = Ai - Ai.abs()
-                total = total + torch.bmm(neg2, t_b).squeeze(-1) * 0.5
-                _acc(pending, node.inputs[0], _wrap((Ai * a).addcmul_(neg2, (s - a) * 0.5).reshape(shape), ph))
-                continue
-            neg = Ai.clamp(max=0)
-            total = total + torch.bmm(neg, t_b).squeeze(-1)
-            _acc(pending, node.inputs[0], _wrap((Ai * a).addcmul_(neg, s - a).reshape(shape), ph))
+            total = total + neg_t
+            _acc(pending, node.inputs[0], _wrap((Ai * a).addcmul_(neg, s - a, value=h).reshape(shape), ph))
         else:  # add
             _acc(pending, node.inputs[0], Ai)
             _acc(pending, node.inputs[1], Ai)
