@@ -284,8 +284,9 @@ def test_relu_lines_match_the_case_definitions_and_bound_relu(lower, dtype):
 @pytest.mark.parametrize("method", ["crown-ibp", "crown", "fastlin"])
 def test_bound_gradients_match_finite_differences(method):
     """In grad mode the ReLU step takes Λ⁻ as (Λ − |Λ|)/2 (abs's backward is cheaper than clamp's on CPU): the
-    gradients of the bounds (two-pass CROWN steps and one-pass Fast-Lin steps) agree with central finite differences, in the input and in parameters of every layer
-    (float64, a small CNN whose strided convolutions take the polyphase path)."""
+    gradients of the bounds (two-pass CROWN steps, one-pass Fast-Lin steps) agree with central finite differences,
+    in the input and in parameters of every layer (float64, a small CNN whose strided convolutions take the
+    polyphase path)."""
     torch.manual_seed(3)
     model = _strided_net(1, 4, 2, 1, 4, 2, 1, 10, False, False).double()
     x0 = torch.rand(2, 2, 10, 10, dtype=torch.float64)
