@@ -81,3 +81,60 @@ def test_training_run_on_the_device(tmp_path):
     assert ev["clean_error"] <= ev["robust_error"] <= min(ev["certified_error"].values())
     model, _ = load_run(tmp_path / "run")
     assert next(model.parameters()).device.type == "cpu"  # checkpoints load on the CPU by default
+
+
+
+def _tf32_on():
+    """Turn TF32 on for cuDNN convolutions and cuBLAS matmuls; returns the switches' old values to restore."""
+    b = torch.backends
+    if hasattr(b.cudnn, "conv") and hasattr(b.cudnn.conv, "fp32_precision"):
+        saved = [(b.cudnn.conv, "fp32_precision"), (b.cuda.matmul, "fp32_precision")]
+        new = "tf32"
+    else:
+        saved = [(b.cudnn, "allow_tf32"), (b.cuda.matmul, "allow_tf32")]
+        new = True
+    saved = [(o, a, getattr(o, a)) for o, a in saved]
+    for o, a, _ in saved:
+        setattr(o, a, new)
+    return saved
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+def test_margins_on_the_device_are_within_the_float32_rounding_line_with_tf32_on(method):
+    """TF32 keeps 10 mantissa bits (torch uses it for cuDNN convolutions by default on NVIDIA GPUs). Bounds must
+    not: their error from the float64 margins stays under the line that decides which certificates are rechecked in
+    float64 (certlab.bounds.rounding: REL·(1 + M)). Every weight is 1 + 0.75·2⁻¹⁰ (times a power of two), which TF32
+    rounds up by 2.4e-4 relative, every time: the errors add up instead of cancelling, and the control shows that
+    a TF32 forward pass of this network crosses the line."""
+    from torch import nn
+
+    from certlab.bounds import rounding
+
+    saved = _tf32_on() if DEVICE == "cuda" else []
+    try:
+        w = 1 + 0.75 * 2 ** -10
+        model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 3))
+        with torch.no_grad():
+            model[0].weight.fill_(w / 256)
+            model[0].bias.zero_()
+            model[3].weight.zero_()
+            model[3].weight[0].fill_(w / 4096)  # f_0 is a positive sum, f_1 = f_2 = 0
+            model[3].bias.zero_()
+        x = 0.5 + 0.5 * torch.rand(8, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+        y = torch.zeros(8, dtype=torch.long)
+        th = certlab.LinfBall(0.01)
+        m64 = certlab.margins(copy.deepcopy(model).double(), x.double(), y, th, method=method)
+        line = rounding.tolerances(copy.deepcopy(model).double(), x.double(), y, th)
+        dev = copy.deepcopy(model).to(DEVICE)
+        m = certlab.margins(dev, x.to(DEVICE), y.to(DEVICE), th, method=method).cpu().double()
+        err = (m - m64).abs()[:, 1:]
+        assert (err <= line[:, 1:]).all(), f"{method}: margins off by up to {(err / line[:, 1:]).max():.1f}× the line"
+        with torch.no_grad():  # control: the network's forward pass under the same settings
+            f = dev(x.to(DEVICE)).cpu().double()
+            f64 = model.double()(x.double())
+        crossed = ((f - f64)[:, 0].abs() > line[:, 1]).all()
+        if DEVICE == "cuda" and not crossed:
+            pytest.skip("this GPU's forward pass shows no TF32 error: nothing to compare against")
+    finally:
+        for o, a, old in saved:
+            setattr(o, a, old)

@@ -219,3 +219,79 @@ def test_recheck_takes_each_samples_own_set(monkeypatch, kind):
     monkeypatch.setattr(rounding.Float64Twin, "get", lambda self: calls.append(1) or orig(self))
     assert torch.equal(certlab.certify(model, x, y, th, method="crown"), want)
     assert calls
+
+
+def test_bounds_run_in_full_float32_whatever_precision_the_caller_set(monkeypatch):
+    """TF32 (cuDNN convolutions use it by default on NVIDIA GPUs) and bf16 keep 10 and 7 mantissa bits: a bound
+    computed with them could miss the rounding line above by a thousandfold. Every entry point of the bound engine
+    and of complete verification runs with full float32, and gives the caller's settings back."""
+    from certlab.bounds import core
+
+    switches = core._precision_switches()
+    before = [getattr(o, attr) for o, attr, _ in switches]
+    try:
+        reduced = {}
+        for obj, attr, exact in switches:  # the caller asks for reduced precision everywhere it can
+            for value in (("tf32", "bf16") if attr == "fp32_precision" else (True,)):
+                try:
+                    setattr(obj, attr, value)
+                    break
+                except (RuntimeError, ValueError, AssertionError):  # a switch that does not take this value
+                    continue
+            reduced[id(obj)] = getattr(obj, attr)
+        _check_entry_points(monkeypatch, switches, reduced)
+    finally:  # not monkeypatch: its undo deletes attributes that live on the class
+        for (obj, attr, _), old in zip(switches, before):
+            setattr(obj, attr, old)
+
+
+def _check_entry_points(monkeypatch, switches, reduced):
+    from certlab.bounds import core
+    from certlab.bounds.ops import LinearOp
+    from certlab.evaluation import _radius
+    from certlab.verify.complete import verify_complete
+
+    from nets import mlp
+
+    assert any(v not in ("ieee", False) for v in reduced.values())
+    seen = []
+
+    def spy(name):
+        orig = getattr(LinearOp, name)
+
+        def wrapped(self, *a, **k):
+            seen.append(tuple(getattr(o, attr) for o, attr, _ in switches))
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(LinearOp, name, wrapped)
+
+    for name in ("fwd", "absfwd", "back"):
+        spy(name)
+    model = mlp(3, widths=(4, 8, 8, 3))
+    x = torch.rand(3, 4, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)
+    th = certlab.LinfBall(0.05)
+    wide = certlab.LinfBall(0.3)  # wide enough that branch and bound branches
+    calls = {
+        "bounds": lambda: [certlab.bounds(model, x, th, method=m) for m in ("ibp", "crown", "alpha-crown")],
+        "margins": lambda: certlab.margins(model, x, y, th, method="crown-ibp"),
+        "certify": lambda: certlab.certify(model, x, y, th, method="fastlin"),
+        "relu_bounds": lambda: core.relu_bounds(model, x, th, "crown"),
+        "report radii": lambda: _radius(model, x, y, th, "crown-ibp", 0.1),
+        "settle": lambda: rounding.settle(model, x, y, th, "crown", torch.full((3, 3), 1e-7)),  # all rechecked
+        **{v: (lambda v=v: verify_complete(model, x[:1], y[:1], wide, method=v, timeout=20)) for v in ("bab", "milp", "lp")},
+    }
+    exact = tuple(e for _, _, e in switches)
+    for name, call in calls.items():
+        seen.clear()
+        call()
+        assert seen, f"{name}: the spy saw no affine op"
+        assert all(s == exact for s in seen), f"{name} ran with reduced precision: {set(seen) - {exact}}"
+        now = {id(o): getattr(o, attr) for o, attr, _ in switches}
+        assert now == reduced, f"{name} did not give the caller's precision settings back"
+    # training losses certify nothing: there the caller's settings stay
+    caller = tuple(reduced[id(o)] for o, _, _ in switches)
+    seen.clear()
+    with core.caller_precision():
+        certlab.margins(model, x, y, th, method="crown-ibp")
+    assert seen and all(s == caller for s in seen)

@@ -34,9 +34,12 @@ def _progress(total, desc, enabled):
 
 
 def _radius(model, x, y, threat, method, max_eps):
-    from certlab.train.objectives import certified_radius
+    """Certified radii for the report: full float32 (not the training objective's helper, which keeps the caller's
+    precision settings), margins within rounding of zero rechecked in float64."""
+    from certlab.verify.radius import certified_radius
 
-    return certified_radius(model, x, y, threat, method, max_eps, tol=max_eps * 1e-3, recheck=True)
+    return certified_radius(model, x, y, threat=threat, method=method, max_eps=max_eps, tol=max_eps * 1e-3,
+                            solver="brent", recheck=True)
 
 
 def evaluate(model, dataset, threat, certify=("ibp", "crown"), attacks=("apgd-ce", "apgd-t"), batch_size: int = 256,

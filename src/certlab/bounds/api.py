@@ -61,6 +61,7 @@ def _prepare(model, x, threat, method):
     return method, g
 
 
+@core.float32_exact
 def compute(model, x, threat, method="crown", C=None, lower_only=False, **opts) -> Bounds:
     method, g = _prepare(model, x, threat, method)
     K = core.output_dim(g)
@@ -73,6 +74,7 @@ def compute(model, x, threat, method="crown", C=None, lower_only=False, **opts) 
     return Bounds(low, up)
 
 
+@core.float32_exact
 def intermediate_bounds(g, x, threat, method="crown", **opts):
     """{relu node index: (lower, upper)} pre-activation bounds by the given method."""
     return RELAXATIONS[resolve_method(method)].intermediate(g, x, threat, **opts)
@@ -88,6 +90,7 @@ def bounds(model, x, threat, method="crown", C=None, **opts) -> Bounds:
     return compute(model, x, threat, method, C, lower_only=False, **opts)
 
 
+@core.float32_exact
 def margins(model, x, y, threat, method="crown", **opts) -> torch.Tensor:
     """[B, K] lower bounds on f_y(x') − f_j(x') over the set; column y is 0."""
     method, g = _prepare(model, x, threat, method)
@@ -100,6 +103,7 @@ def margins(model, x, y, threat, method="crown", **opts) -> torch.Tensor:
     return low.masked_fill(torch.nn.functional.one_hot(y, K).bool(), 0.0)
 
 
+@core.float32_exact
 def certify(model, x, y, threat, method="crown", recheck=True, **opts) -> torch.Tensor:
     """BoolTensor [B]: every margin f_y − f_j (j ≠ y) is provably > 0 on the whole set.
 

@@ -11,6 +11,8 @@ current batch (the ones the forward pass uses) in train mode, computed from the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -28,6 +30,65 @@ SUPPORTED = (
     "Sequential, Linear, Conv2d, ReLU, Flatten, BatchNorm1d, BatchNorm2d, AvgPool2d, Identity, Dropout, "
     "certlab.nn.Normalize, certlab.nn.Residual"
 )
+
+
+def _precision_switches() -> list:
+    """torch's float32 precision switches of the kernels bounds use: cuBLAS matmul and cuDNN conv (TF32 on NVIDIA
+    GPUs from Ampere on; cuDNN's is on by default) and oneDNN matmul and conv (bf16 on CPUs that have it). Newer torch
+    has one ``fp32_precision`` attribute per switch; older torch only the two ``allow_tf32`` flags."""
+    b = torch.backends
+    if hasattr(b.cudnn, "conv") and hasattr(b.cudnn.conv, "fp32_precision"):
+        return [(o, "fp32_precision", "ieee") for o in (b.cuda.matmul, b.cudnn.conv, b.mkldnn.matmul, b.mkldnn.conv)]
+    return [(b.cuda.matmul, "allow_tf32", False), (b.cudnn, "allow_tf32", False)]
+
+
+_CALLER_PRECISION = 0  # > 0 inside caller_precision()
+
+
+@contextlib.contextmanager
+def caller_precision():
+    """Inside this block :func:`exact_float32` leaves the caller's precision settings alone (TF32 convolutions stay
+    TF32: 1.2–1.7× faster bounds on CNN7 on an H100). For bounds that certify nothing, such as a training loss's;
+    never around a certificate."""
+    global _CALLER_PRECISION
+    _CALLER_PRECISION += 1
+    try:
+        yield
+    finally:
+        _CALLER_PRECISION -= 1
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """Runs the block with full-precision float32 matmuls and convolutions, then restores the caller's settings.
+
+    A sound bound needs arithmetic whose error is that of float32 (unit roundoff 2⁻²⁴): the rounding check of
+    :mod:`certlab.bounds.rounding` is drawn at about 170 units of it. TF32 keeps 10 mantissa bits (unit roundoff
+    2⁻¹¹, 4,000 times larger) and bf16 7, and torch uses TF32 for cuDNN convolutions by default, so a bound computed
+    on a GPU with the defaults could be off by more than that line."""
+    if _CALLER_PRECISION:
+        yield
+        return
+    saved = []
+    try:
+        for obj, attr, value in _precision_switches():
+            saved.append((obj, attr, getattr(obj, attr)))
+            setattr(obj, attr, value)
+        yield
+    finally:
+        for obj, attr, old in reversed(saved):
+            setattr(obj, attr, old)
+
+
+def float32_exact(fn):
+    """Decorator: ``fn`` runs under :func:`exact_float32`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with exact_float32():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -307,6 +368,7 @@ def margin_spec(y: torch.Tensor, K: int, dtype) -> torch.Tensor:
     return margin_table(y, K, dtype).dense()
 
 
+@float32_exact
 def relu_bounds(model, x, threat, method: str = "crown", **opts):
     """Pre-activation bounds (lower, upper) of every ReLU of ``model`` in order, each [B, *shape]."""
     from certlab.bounds.api import intermediate_bounds  # local: the API imports this module

@@ -80,6 +80,7 @@ def magnitudes(g, x, threat) -> torch.Tensor:
 
 
 @torch.no_grad()
+@core.float32_exact
 def tolerances(model, x, y, threat, rel: float | None = None) -> torch.Tensor:
     """[B, K]: rel·(1 + M) per margin f_y − f_j, M = magnitude of f_y plus that of f_j (``rel`` defaults to REL)."""
     M = magnitudes(core.build_graph(model, x), x, threat)
@@ -88,6 +89,7 @@ def tolerances(model, x, y, threat, rel: float | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
+@core.float32_exact
 def settle(model, x, y, threat, method, m, opts=None, twin: Float64Twin | None = None) -> torch.Tensor:
     """m ([B, K] lower margin bounds computed in x's dtype, column y ignored) with the rows of the samples whose
     certificate hangs on rounding replaced by their float64 margins (cast back to m's dtype: a positive float64

@@ -132,7 +132,13 @@ def margins_and_relus(model, x, y, threat, relaxation, need_relus: bool, want_lo
     For IBP all three come from one pass over the graph with the margin specification folded in: the graph's
     centre forward on the whole batch gives the clean logits (``want_logits``), so certified training needs no
     separate clean forward pass. Not for models with BatchNorm or active Dropout (see _stochastic_or_stateful;
-    the logits are then None and the caller runs the model)."""
+    the logits are then None and the caller runs the model). Loss bounds certify nothing, so they keep the caller's
+    float32 precision settings (:func:`certlab.bounds.core.caller_precision`; TF32 convolutions on a GPU)."""
+    with core.caller_precision():
+        return _margins_and_relus(model, x, y, threat, relaxation, need_relus, want_logits, **opts)
+
+
+def _margins_and_relus(model, x, y, threat, relaxation, need_relus, want_logits, **opts):
     if relaxation == "ibp" and (need_relus or want_logits):
         core.validate(model, x, threat)
         full = want_logits and not _stochastic_or_stateful(model)
@@ -241,14 +247,15 @@ def adaptive(model, x, y, ctx):
 
 
 def certified_radius(model, x, y, template, method, max_eps, tol=None, recheck=False, **opts):
-    """Per-sample certified radius in [0, max_eps] by ``certlab.certified_radius`` (batched root finding, no
+    """Per-sample training radius in [0, max_eps] by ``certlab.certified_radius`` (batched root finding, no
     gradient); ``tol`` defaults to max_eps/100 (training needs no more precision, nor float64 rechecks of margins
-    within rounding of zero: ``recheck``, which evaluation turns on)."""
+    within rounding of zero, ``recheck``, nor full float32: reports use certlab.verify.radius directly)."""
     from certlab.verify.radius import certified_radius as cr
 
     tol = float(max_eps) / 100 if tol is None else tol
-    return cr(model, x, y, threat=template, method=method, max_eps=max_eps, tol=tol, solver="brent", recheck=recheck,
-              **opts)
+    with core.caller_precision():  # a training radius certifies nothing (see margins_and_relus)
+        return cr(model, x, y, threat=template, method=method, max_eps=max_eps, tol=tol, solver="brent",
+                  recheck=recheck, **opts)
 
 
 OBJECTIVES = {"standard": standard, "pgd": pgd, "trades": trades, "certified": certified, "adaptive": adaptive}

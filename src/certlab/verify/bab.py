@@ -411,6 +411,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
     return done("unknown", bound=min([global_low] + ([heap[0][0]] if heap else [])))
 
 
+@core.float32_exact
 def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, batch: int = 64,
            attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12, iters: int = 20) -> list:
     """Branch and bound per sample → list of :class:`Result`. ``timeout`` seconds and ``max_nodes`` evaluated

@@ -228,6 +228,7 @@ def setup(model, x, threat, C, pre):
     return g, Cn, pre_bounds(g, x, threat, pre)
 
 
+@core.float32_exact
 def exact_bounds(model, x, threat, C=None, pre: str = "ibp", timeout: float = 120.0):
     """Exact (lower [B, S], upper [B, S]) of C·model(x') over x' in ``threat`` (C=None: the logits, S = K).
 
@@ -268,6 +269,7 @@ def _attack(model, x, y, threat):
     return check_counterexample(model, x, y, threat, 0, z[0])
 
 
+@core.float32_exact
 def verify(model, x, y, threat, timeout: float = 30.0, attack: bool = True, pre: str = "crown") -> list:
     """Complete verification of every sample: a list of :class:`Result` (one per sample).
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from certlab.bounds import core
 from certlab.bounds.api import margins
 from certlab.bounds.rounding import Float64Twin, settle
 from certlab.errors import InputError
@@ -47,6 +48,7 @@ def _worst_margin(model, x, y, threat, eps, method, opts, twin):
 
 
 @torch.no_grad()
+@core.float32_exact
 def certified_radius(model, x, y, norm="linf", method="ibp", max_eps=None, tol=1e-5, solver="bisect", threat=None,
                      max_steps=100, recheck=True, **opts) -> torch.Tensor:
     """Tensor [B]: per sample, the largest certified ε in [0, max_eps] (to within ``tol``). ``recheck``: margins
