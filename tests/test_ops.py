@@ -129,3 +129,26 @@ def test_conv_back_columns_path_has_the_transposes_gradients(cin):
     ref = torch.autograd.grad((ref_out.reshape(3, 2, *in_shape) * G).sum(), (A, W))
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_rows_from_the_strided_view_equal_f_unfold():
+    """patches._unfold_rows reads patches as a strided view (no-grad, or on a GPU) and through F.unfold (CPU tensors
+    that need gradients): the same rows, and the view's gradient is F.unfold's."""
+    import torch.nn.functional as F
+
+    from certlab.bounds.patches import _unfold_rows
+
+    g = torch.Generator().manual_seed(0)
+    for shape, k, st in (((3, 5, 11, 9), (4, 3), (2, 1)), ((1, 2, 8, 8), (3, 3), (3, 3)), ((2, 1, 6, 7), (6, 7), (1, 1))):
+        m = torch.randn(shape, generator=g, dtype=torch.float64)
+        ref = F.unfold(m, k, stride=st).transpose(1, 2).reshape(-1, shape[1] * k[0] * k[1])
+        assert torch.equal(_unfold_rows(m, *k, st), ref)  # no gradients: the view
+        w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        grads = []
+        for view in (True, False):
+            mg = m.clone().requires_grad_()
+            rows = _unfold_rows(mg, *k, st, view=view)
+            assert torch.equal(rows, ref)
+            (rows * w).sum().backward()
+            grads.append(mg.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)

@@ -225,11 +225,12 @@ class ConvOp(AffineOp):
         (Wᵀ expanded over the batch without a copy), plus a col2im fold: the same sums in another order, about 3×
         faster on CPU than oneDNN's conv_transpose2d at these shapes. (``torch.matmul`` of a matrix with a batch
         folds the batch into the rows instead, through two transposed copies of Λ: 10–20 % of a CROWN-IBP call on
-        the small CNN.)"""
+        the small CNN.) On CUDA, cuDNN's transposed convolution: F.fold's backward there launches one kernel per
+        row, N·S of them."""
         N, S = A.shape[:2]
         A2 = A.reshape(N * S, *self.out_shape)
         cout, cin, kh, kw = self.W.shape
-        if self.groups == 1 and cin <= 2:
+        if self.groups == 1 and cin <= 2 and A.device.type == "cpu":
             Wt = self.W.reshape(cout, -1).t().unsqueeze(0).expand(N * S, -1, -1)
             cols = torch.bmm(Wt, A2.reshape(N * S, cout, -1))
             out = F.fold(cols, self.in_shape[1:], (kh, kw), self.dilation, self.padding, self.stride)

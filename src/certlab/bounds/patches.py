@@ -64,9 +64,8 @@ class _Geometry:
         The unfolded map is small ([Bm, L, C·ph·pw] for L patch positions); the result is read from it by whole
         rows (index_select), not element by element, and is contiguous."""
         Bm, C = m.shape[:2]
-        u = F.unfold(F.pad(m, self.padding), (self.ph, self.pw), stride=self.st)  # [Bm, C·ph·pw, L]
-        L = u.shape[2]
-        u = u.transpose(1, 2).reshape(Bm * L, -1)  # [Bm·L, C·ph·pw]
+        u = _unfold_rows(F.pad(m, self.padding), self.ph, self.pw, self.st)  # [Bm·L, C·ph·pw]
+        L = u.shape[0] // Bm
         B, S = self.idx.shape
         if self.grouped:  # the same positions in every sample: [Bm, Q, 1, C, ph, pw]
             return u.view(Bm, L, -1)[:, self.idx[0]].view(Bm, S, 1, C, self.ph, self.pw)
@@ -78,6 +77,21 @@ class _Geometry:
                 off = torch.arange(B, device=self.idx.device).view(B, 1) * L
                 rows = self._flat[L] = (self.idx + off).reshape(-1)
         return u.index_select(0, rows).view(B, S, C, self.ph, self.pw)
+
+
+def _unfold_rows(m, ph, pw, st, view=None):
+    """[Bm, C, H, W] → [Bm·L, C·ph·pw]: the ph×pw patches at stride st, one row per (sample, position) in row-major
+    position order. Read as a strided view and copied once (one kernel; F.unfold loops over the batch, on CUDA one
+    launch per sample, and is 1.4–9× slower on CPU at the small CNN's shapes). Its backward, a scatter-add, is
+    slower on CPU than F.unfold's, so CPU tensors that need gradients keep F.unfold (``view`` forces a path)."""
+    Bm = m.shape[0]
+    if view is None:
+        view = not (m.requires_grad and m.device.type == "cpu")
+    if not view:
+        u = F.unfold(m, (ph, pw), stride=st)  # [Bm, C·ph·pw, L]
+        return u.transpose(1, 2).reshape(Bm * u.shape[2], -1)
+    v = m.unfold(2, ph, st[0]).unfold(3, pw, st[1])  # [Bm, C, LH, LW, ph, pw]
+    return v.permute(0, 2, 3, 1, 4, 5).reshape(Bm * v.shape[2] * v.shape[3], -1)
 
 
 def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="adaptive", upper=False):
