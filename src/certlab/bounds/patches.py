@@ -21,9 +21,10 @@ from certlab.bounds.ops import ChannelAffineOp, ConvOp
 
 
 def chain(g, start):
-    """Node indices from ``start`` back to the input when the path allows patches mode, else None."""
+    """Node indices from ``start`` (a convolution, or a per-channel map such as BatchNorm after one) back to the input
+    when the path allows patches mode, else None."""
     node = g.nodes[start]
-    if node.kind != "affine" or not isinstance(node.op, ConvOp):
+    if node.kind != "affine" or not isinstance(node.op, (ConvOp, ChannelAffineOp)):
         return None
     path, i = [], start
     while i != 0:
@@ -184,7 +185,7 @@ def _back(g, start, path, P, rows, cols, pre, x, threat, lower, upper=False):
         if op.b is not None:
             bias = _bias(P, op.b)
             const, const_hi = const + bias, const_hi + bias
-        Pn = _transpose_conv(P.reshape(-1, *P.shape[-3:]), op, first=(i == start))
+        Pn = _transpose_conv(P.reshape(-1, *P.shape[-3:]), op)
         st = (st[0] * op.stride[0], st[1] * op.stride[1])
         pad = (pad[0] * op.stride[0] + op.padding[0], pad[1] * op.stride[1] + op.padding[1])
         P = Pn.reshape(*P.shape[:-3], *Pn.shape[1:])
@@ -205,14 +206,15 @@ def _back(g, start, path, P, rows, cols, pre, x, threat, lower, upper=False):
 _MATMUL_LIMIT = 1 << 22  # entries of an explicit patch-to-patch operator worth building
 
 
-def _transpose_conv(P, op, first=False):
+def _transpose_conv(P, op):
     """The transposed convolution of every patch in P [N, C, ph, pw] with op's kernel: [N, C', ph', pw'].
 
-    The first step starts from one-hot patches, so it is an indexing of the (dilated) kernel; later steps use an
-    explicit operator matrix when it is small (one matmul beats a transposed convolution over tiny images on CPU)."""
+    The first convolution meets 1×1 patches (a row's channel vector), so it is a product with the (dilated) kernel
+    whatever the stride; later steps use an explicit operator matrix when it is small (one matmul beats a transposed
+    convolution over tiny images on CPU)."""
     N, C, ph, pw = P.shape
     W = op.W
-    if first and ph == 1 and pw == 1 and op.groups == 1:
+    if ph == 1 and pw == 1 and op.groups == 1:
         if op.dilation != (1, 1):
             W = _dilate(op.W, op.dilation)
         return torch.einsum("nc,cihw->nihw", P.reshape(N, C), W)
