@@ -316,3 +316,27 @@ def test_bound_gradients_match_finite_differences(method):
                 lo = (bound(x0) * w).sum().item()
                 p.view(-1)[k] = old
             assert abs((hi - lo) / 2e-6 - p.grad.view(-1)[k].item()) <= 1e-5 + 1e-4 * abs(p.grad.view(-1)[k].item())
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.2])  # few unstable neurons (per-row patches) and most (grouped by position)
+@pytest.mark.parametrize("lower", ["adaptive", "parallel"])
+def test_patches_in_chunks_equal_patches_at_once(eps, lower, monkeypatch):
+    """When the patches would outgrow patches.PATCH_BUDGET, rows (or positions) are back-substituted a chunk at a
+    time: the same bounds, here with one row or position per chunk."""
+    from certlab.bounds import patches
+
+    torch.manual_seed(0)
+    model, x = cnn(3, bn=True, size=8), torch.rand(3, 1, 8, 8)
+    threat = threat_for("linf", x, eps)
+    g = build_graph(model, x)
+    with torch.no_grad():
+        whole = backsub.intermediate(g, x, threat, lower=lower)
+        sizes = []
+        real = patches._in_chunks
+        monkeypatch.setattr(patches, "_in_chunks", lambda n, k, run: sizes.append(k) or real(n, k, run))
+        monkeypatch.setattr(patches, "PATCH_BUDGET", 1)
+        chunked = backsub.intermediate(g, x, threat, lower=lower)
+    assert sizes and set(sizes) == {1}
+    for r in g.relus:
+        torch.testing.assert_close(chunked[r][0], whole[r][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(chunked[r][1], whole[r][1], rtol=1e-6, atol=1e-6)

@@ -95,6 +95,46 @@ def _unfold_rows(m, ph, pw, st, view=None):
     return v.permute(0, 2, 3, 1, 4, 5).reshape(Bm * v.shape[2] * v.shape[3], -1)
 
 
+PATCH_BUDGET = 1 << 27  # entries of one patch tensor on the CPU; on a GPU, 1/32 of its free memory in bytes
+
+
+def _largest_patch(g, path) -> int:
+    """Entries of one row's patch (C·ph·pw) at its largest along the path: the receptive field grows by each
+    convolution's kernel and stride on the way to the input."""
+    C, ph, pw = g.nodes[path[0]].shape[0], 1, 1
+    big = C
+    for i in path:
+        op = g.nodes[i].op
+        if isinstance(op, ConvOp):
+            kh, kw = op.W.shape[2:]
+            ph = (ph - 1) * op.stride[0] + op.dilation[0] * (kh - 1) + 1
+            pw = (pw - 1) * op.stride[1] + op.dilation[1] * (kw - 1) + 1
+            C = op.W.shape[1] * op.groups
+            big = max(big, C * ph * pw)
+    return big
+
+
+def _per_chunk(n, per_item, x) -> int:
+    """How many of n items (rows or positions, each ``per_item`` patch entries) one back-substitution takes at once:
+    all of them unless their patches would outgrow the budget (CNN7: 2.8 GB per sample for its second layer's
+    patches, several such temporaries live at once)."""
+    if x.device.type == "cuda":
+        budget = torch.cuda.mem_get_info(x.device)[0] // (32 * x.element_size())
+    else:
+        budget = PATCH_BUDGET
+    return max(1, min(n, budget // max(1, per_item)))
+
+
+def _in_chunks(n, k, run):
+    """run(slice) over consecutive slices of range(n), k at a time, concatenated along dim 1 (tuples elementwise)."""
+    if k >= n:
+        return run(slice(0, n))
+    parts = [run(slice(a, min(a + k, n))) for a in range(0, n, k)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p, 1) for p in zip(*parts))
+    return torch.cat(parts, 1)
+
+
 def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="adaptive", upper=False):
     """Lower bounds of coef·z for the neurons z = (chan, rows, cols) of conv node ``start``, by back-substitution in
     patches mode. ``chan``, ``rows``, ``cols``: long [B, S]; ``coef``: [B, S] (±1, or 0 for padding rows);
@@ -104,7 +144,9 @@ def lower_rows(g, start, path, chan, rows, cols, coef, pre, x, threat, lower="ad
     C0 = g.nodes[start].shape[0]
     P = torch.zeros(B, S, C0, 1, 1, device=x.device, dtype=x.dtype)
     P.scatter_(2, chan.view(B, S, 1, 1, 1), coef.view(B, S, 1, 1, 1).to(x.dtype))
-    return _back(g, start, path, P, rows, cols, pre, x, threat, lower, upper)
+    k = _per_chunk(S, B * _largest_patch(g, path), x)
+    return _in_chunks(S, k, lambda j: _back(g, start, path, P[:, j], rows[:, j], cols[:, j], pre, x, threat, lower,
+                                            upper))
 
 
 def bounds_all(g, start, path, pre, x, threat, lower="adaptive"):
@@ -114,16 +156,15 @@ def bounds_all(g, start, path, pre, x, threat, lower="adaptive"):
     by the whole batch until the first ReLU. The same sums as :func:`lower_rows` over every neuron, with far less
     memory traffic when most neurons need bounds."""
     C0, H, W = g.nodes[start].shape
+    B = x.shape[0]
     pos = torch.arange(H * W, device=x.device).view(1, -1)
     one = torch.eye(C0, device=x.device, dtype=x.dtype)
-    if lower == "parallel":  # one pass gives both sides
-        P = one.view(1, 1, C0, C0, 1, 1)
-        lo, hi = _back(g, start, path, P, pos // W, pos % W, pre, x, threat, lower, upper=True)
-    else:
-        P = torch.cat([one, -one]).view(1, 1, 2 * C0, C0, 1, 1)
-        low = _back(g, start, path, P, pos // W, pos % W, pre, x, threat, lower)
-        lo, hi = low[..., :C0], -low[..., C0:]
-    B = x.shape[0]
+    parallel = lower == "parallel"  # one pass gives both sides
+    P = one.view(1, 1, C0, C0, 1, 1) if parallel else torch.cat([one, -one]).view(1, 1, 2 * C0, C0, 1, 1)
+    k = _per_chunk(H * W, B * P.shape[2] * _largest_patch(g, path), x)  # positions at a time
+    out = _in_chunks(H * W, k, lambda j: _back(g, start, path, P, pos[:, j] // W, pos[:, j] % W, pre, x, threat,
+                                               lower, upper=parallel))
+    lo, hi = out if parallel else (out[..., :C0], -out[..., C0:])
     as_map = (lambda v: v.expand(B, -1, -1).reshape(B, H, W, C0).permute(0, 3, 1, 2))  # [B, Q, C] -> [B, C, H, W]
     return as_map(lo), as_map(hi)
 
