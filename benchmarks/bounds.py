@@ -135,13 +135,18 @@ def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
 
         try:
             t, r = timeit_pair(run, forward, repeat)
-            tg, rg = timeit_pair(run_grad, fwd_bwd, max(1, repeat // 2))
         except torch.cuda.OutOfMemoryError:  # e.g. hBox's dense generators on CNN7: [batch, 3072, 65536] per layer
             torch.cuda.empty_cache()
             print(f"| {m} | out of memory at batch {batch} | | | |")
             continue
+        try:
+            tg, rg = timeit_pair(run_grad, fwd_bwd, max(1, repeat // 2))
+            grad = f"{batch / tg:,.1f} | {rg:.1f}"
+        except torch.cuda.OutOfMemoryError:  # autograd keeps every layer's temporaries
+            torch.cuda.empty_cache()
+            grad = "out of memory | "
         rows[m] = (run, run())
-        print(f"| {m} | {batch / t:,.1f} | {r:.1f} | {batch / tg:,.1f} | {rg:.1f} |")
+        print(f"| {m} | {batch / t:,.1f} | {r:.1f} | {grad} |")
     if lirpa is not None and (name != "cnn7" or str(device).startswith("cuda")):  # CNN7 on the CPU: too slow
         compare_lirpa(lirpa, model, x, C, eps, rows, repeat, batch)
 
