@@ -89,6 +89,17 @@ def test_diagnose_and_certify_cli(tmp_path, capsys):
     assert main(["certify", str(run), "--method", "bab", "--eps", "0.05", "--n", "9", "--out", str(res),
                  "--no-progress"]) == 0
     assert len(res.read_text().splitlines()) == 9
+    # --device: the same statuses on the device as on the CPU where there is a GPU, a one-line error where there is not
+    capsys.readouterr()
+    dev = tmp_path / "dev.jsonl"
+    code = main(["certify", str(run), "--method", "bab", "--eps", "0.05", "--n", "9", "--timeout", "5",
+                 "--device", "cuda", "--out", str(dev), "--no-progress"])
+    if torch.cuda.is_available():
+        assert code == 0
+        assert [json.loads(line)["status"] for line in dev.read_text().splitlines()] == \
+            [json.loads(line)["status"] for line in res.read_text().splitlines()]
+    else:
+        assert code == 2 and "CUDA is not available" in capsys.readouterr().err and not dev.exists()
 
 
 def test_certify_results_are_tied_to_the_checkpoint(tmp_path, capsys):

@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-nodes", type=int, default=100000, help="bab: subdomains per sample")
     p.add_argument("--float64", action="store_true",
                    help="compute in float64 (model and data): certificates with float32 rounding to spare")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where bab and the relaxations run (milp and lp always solve on the CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 is much faster on a busy machine)")
@@ -144,6 +146,7 @@ def _progress(total, desc, enabled):
 def certify_cmd(args) -> int:
     import torch
 
+    from certlab.train.setup import resolve_device
     from certlab.verify.complete import ALL_METHODS, COMPLETE, verify_any
 
     method = args.method.lower()
@@ -167,7 +170,8 @@ def certify_cmd(args) -> int:
     maker = maker_for(norm)
     dname = "float64" if args.float64 else "float32"
     dtype = getattr(torch, dname)
-    model = model.to(dtype)
+    device = torch.device("cpu") if method in ("milp", "lp") else resolve_device(args.device)
+    model = model.to(device=device, dtype=dtype)
     n = len(test) if args.n is None else min(args.n, len(test))
     suffix = ("_float64" if args.float64 else "") + ("_best" if args.which == "best" else "")
     out = args.out or os.path.join(args.run_dir, f"certify_{method}_{norm}_{eps:g}{suffix}.jsonl")
@@ -181,7 +185,7 @@ def certify_cmd(args) -> int:
     try:
         for s in range(0, len(todo), chunk):
             idx = torch.tensor(todo[s:s + chunk])
-            x, y = test.x[idx].to(dtype), test.y[idx]
+            x, y = test.x[idx].to(device=device, dtype=dtype), test.y[idx].to(device)
             res = verify_any(model, x, y, maker(x, eps), method, timeout=args.timeout, **kw)
             for i, r in zip(idx.tolist(), res):
                 done[i] = {"index": i, "label": int(test.y[i]), **setting, **r.to_dict()}
