@@ -95,7 +95,7 @@ def _unfold_rows(m, ph, pw, st, view=None):
     return v.permute(0, 2, 3, 1, 4, 5).reshape(Bm * v.shape[2] * v.shape[3], -1)
 
 
-PATCH_BUDGET = 1 << 27  # entries of one patch tensor on the CPU; on a GPU, 1/32 of its free memory in bytes
+PATCH_BUDGET = 1 << 27  # entries of one patch tensor on the CPU; on a GPU, free memory / (32 × bytes per entry)
 
 
 def _largest_patch(g, path) -> int:
@@ -119,7 +119,9 @@ def _per_chunk(n, per_item, x) -> int:
     all of them unless their patches would outgrow the budget (CNN7: 2.8 GB per sample for its second layer's
     patches, several such temporaries live at once)."""
     if x.device.type == "cuda":
-        budget = torch.cuda.mem_get_info(x.device)[0] // (32 * x.element_size())
+        free = torch.cuda.mem_get_info(x.device)[0]  # plus what torch's allocator holds but does not use
+        free += torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
+        budget = free // (32 * x.element_size())
     else:
         budget = PATCH_BUDGET
     return max(1, min(n, budget // max(1, per_item)))
