@@ -89,7 +89,17 @@ def test_diagnose_and_certify_cli(tmp_path, capsys):
     assert main(["certify", str(run), "--method", "bab", "--eps", "0.05", "--n", "9", "--out", str(res),
                  "--no-progress"]) == 0
     assert len(res.read_text().splitlines()) == 9
-    # --device: the same statuses on the device as on the CPU where there is a GPU, a one-line error where there is not
+    # --device: the same results on the device as on the CPU where there is a GPU, a one-line error where there is not
+    capsys.readouterr()
+    code = main(["diagnose", str(run), "--relaxations", "ibp,crown", "--n", "8", "--lp-samples", "2", "--grid", "5",
+                 "--device", "cuda", "--json", str(tmp_path / "d_dev.json")])
+    if torch.cuda.is_available():
+        assert code == 0
+        for a, b in zip(json.loads((tmp_path / "d.json").read_text()), json.loads((tmp_path / "d_dev.json").read_text())):
+            assert a["relaxation"] == b["relaxation"] and a["certified"] == b["certified"]
+            assert a["width"] == pytest.approx(b["width"], rel=1e-4) and a["lp_gap"] == pytest.approx(b["lp_gap"], abs=1e-4)
+    else:
+        assert code == 2 and "CUDA is not available" in capsys.readouterr().err
     capsys.readouterr()
     dev = tmp_path / "dev.jsonl"
     code = main(["certify", str(run), "--method", "bab", "--eps", "0.05", "--n", "9", "--timeout", "5",

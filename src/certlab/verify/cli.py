@@ -46,6 +46,7 @@ def register(subparsers) -> None:
     d.add_argument("--which", choices=("best", "last"), default="last", help=WHICH_HELP)
     d.add_argument("--json", default=None, help="also write the rows to this JSON file")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    d.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     d.set_defaults(func=diagnose_cmd)
 
     e = subparsers.add_parser("export", help="write the run's model as ONNX and a sample's property as VNN-LIB")
@@ -207,10 +208,14 @@ def certify_cmd(args) -> int:
 
 # -- diagnose -------------------------------------------------------------------------------------------------
 def diagnose_cmd(args) -> int:
+    from certlab.train.setup import resolve_device
     from certlab.verify.diagnostics import diagnose, format_rows
 
     set_threads(args.threads)
+    device = resolve_device(args.device)
     model, cfg, test, maker_for = load(args.run_dir, args.which)
+    model = model.to(device)
+    test = (test.x[:args.n].to(device), test.y[:args.n].to(device))
     norm = args.norm or cfg.norm
     eps = cfg.final_eval_eps if args.eps is None else args.eps
     maker = maker_for(norm)
