@@ -139,7 +139,8 @@ def test_patch_rows_from_the_strided_view_equal_f_unfold():
     from certlab.bounds.patches import _unfold_rows
 
     g = torch.Generator().manual_seed(0)
-    for shape, k, st in (((3, 5, 11, 9), (4, 3), (2, 1)), ((1, 2, 8, 8), (3, 3), (3, 3)), ((2, 1, 6, 7), (6, 7), (1, 1))):
+    cases = (((3, 5, 11, 9), (4, 3), (2, 1)), ((1, 2, 8, 8), (3, 3), (3, 3)), ((2, 1, 6, 7), (6, 7), (1, 1)))
+    for shape, k, st in cases:
         m = torch.randn(shape, generator=g, dtype=torch.float64)
         ref = F.unfold(m, k, stride=st).transpose(1, 2).reshape(-1, shape[1] * k[0] * k[1])
         assert torch.equal(_unfold_rows(m, *k, st), ref)  # no gradients: the view

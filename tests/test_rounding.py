@@ -231,7 +231,7 @@ def test_bounds_run_in_full_float32_whatever_precision_the_caller_set(monkeypatc
     before = [getattr(o, attr) for o, attr, _ in switches]
     try:
         reduced = {}
-        for obj, attr, exact in switches:  # the caller asks for reduced precision everywhere it can
+        for obj, attr, _ in switches:  # the caller asks for reduced precision everywhere it can
             for value in (("tf32", "bf16") if attr == "fp32_precision" else (True,)):
                 try:
                     setattr(obj, attr, value)
@@ -279,7 +279,8 @@ def _check_entry_points(monkeypatch, switches, reduced):
         "relu_bounds": lambda: core.relu_bounds(model, x, th, "crown"),
         "report radii": lambda: _radius(model, x, y, th, "crown-ibp", 0.1),
         "settle": lambda: rounding.settle(model, x, y, th, "crown", torch.full((3, 3), 1e-7)),  # all rechecked
-        **{v: (lambda v=v: verify_complete(model, x[:1], y[:1], wide, method=v, timeout=20)) for v in ("bab", "milp", "lp")},
+        **{v: (lambda v=v: verify_complete(model, x[:1], y[:1], wide, method=v, timeout=20))
+           for v in ("bab", "milp", "lp")},
     }
     exact = tuple(e for _, _, e in switches)
     for name, call in calls.items():
