@@ -7,7 +7,10 @@ same run, for
 - ``stacked``: as eager, but centre and radius in one tensor and each layer's two products in one batched call
   (baddbmm / grouped convolution), with [W; |W|] prepared once outside the timed call — a cache certlab does not
   keep, because a parameter changed through ``.data`` keeps its version counter and a stale |W| would be unsound;
-- ``products``: only the two products per layer (both with W), no elementwise work.
+- ``products``: only the two products per layer (both with W), no elementwise work;
+- ``compiled`` (with ``--compile``): ``torch.compile`` of ``eager``, so inductor fuses the elementwise passes (box,
+  interval ReLUs, specification) around the library's GEMM/convolution calls; the compile time is printed. This is
+  the floor with fused elementwise kernels; the forward pass it is compared with stays eager, as a user runs it.
 
 Each ratio is the median over calls alternated with a forward pass. The issue's target is IBP ≤ 2.2× a forward.
 
@@ -44,7 +47,7 @@ def layers_of(model):
     return out
 
 
-def variants(model, x, C, eps):
+def variants(model, x, C, eps, compile_=False):
     layers = layers_of(model)
     *layers, last = layers  # the last Linear gets the margin rows folded in, as certlab does: V = C·W_L
     if not isinstance(last, torch.nn.Linear):
@@ -126,7 +129,15 @@ def variants(model, x, C, eps):
 
     threat = certlab.LinfBall(eps)
     ours = lambda: certlab.bounds(model, x, threat, method="ibp", C=C).lower  # noqa: E731
-    return {"certlab": ours, "eager": eager, "stacked": stacked, "products": products}
+    out = {"certlab": ours, "eager": eager, "stacked": stacked, "products": products}
+    if compile_:
+        compiled = torch.compile(eager, dynamic=False)
+        t = time.perf_counter()
+        with torch.no_grad():
+            compiled()
+        print(f"torch.compile of the eager variant: {time.perf_counter() - t:.1f} s for the first call")
+        out["compiled"] = compiled
+    return out
 
 
 def main():
@@ -137,6 +148,7 @@ def main():
     ap.add_argument("--calls", type=int, default=200, help="alternated calls per variant")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the eager variant")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,12 +163,12 @@ def main():
         x = torch.rand(args.batch, *shape, device=args.device)
         y = torch.randint(0, 10, (args.batch,))
         C = margin_spec(y, 10).to(args.device)
-        fns = {k: synced(f, args.device) for k, f in variants(model, x, C, args.eps).items()}
+        fns = {k: synced(f, args.device) for k, f in variants(model, x, C, args.eps, args.compile).items()}
         fwd = synced(lambda: model(x), args.device)
         ratios = {k: [] for k in fns}
         with torch.no_grad():
             ref = fns["eager"]()
-            diff = max((fns[k]() - ref).abs().max().item() for k in ("certlab", "stacked"))
+            diff = max((fns[k]() - ref).abs().max().item() for k in fns if k not in ("eager", "products"))
             for _ in range(3):
                 for f in fns.values():
                     f()

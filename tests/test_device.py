@@ -138,3 +138,29 @@ def test_margins_on_the_device_are_within_the_float32_rounding_line_with_tf32_on
     finally:
         for o, a, old in saved:
             setattr(o, a, old)
+
+
+def test_milp_and_lp_take_a_model_on_the_device():
+    """MILP and LP solve on the CPU: a model and batch on the device give the CPU's answers, the caller's model stays
+    where it was, and bounds and counterexamples come back on the device (ℓ2 runs the float64 evaluator too)."""
+    from certlab.verify import lp, milp
+    from certlab.verify.complete import verify_complete
+
+    model = mlp(5, widths=(4, 8, 8, 3))
+    x = torch.rand(4, 4, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 0])  # some labels wrong: falsified with a counterexample
+    dev_model, xd, yd = copy.deepcopy(model).to(DEVICE), x.to(DEVICE), y.to(DEVICE)
+    for th in (certlab.LinfBall(0.1), certlab.L2Ball(0.2)):
+        for method in ("milp", "lp"):
+            gpu = verify_complete(dev_model, xd, yd, th, method, timeout=20)
+            cpu = verify_complete(model, x, y, th, method, timeout=20)
+            assert [r.status for r in gpu] == [r.status for r in cpu], (method, th.norm)
+            for r in gpu:
+                if r.counterexample is not None:
+                    assert r.counterexample.device.type == torch.device(DEVICE).type
+        lo, hi = milp.exact_bounds(dev_model, xd, th)
+        assert lo.device.type == torch.device(DEVICE).type
+        torch.testing.assert_close(lo.cpu(), milp.exact_bounds(model, x, th)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lp.lp_margins(dev_model, xd, yd, th).cpu(), lp.lp_margins(model, x, y, th),
+                                   rtol=1e-5, atol=1e-5)
+    assert next(dev_model.parameters()).device.type == torch.device(DEVICE).type

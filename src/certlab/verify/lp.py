@@ -23,6 +23,7 @@ from certlab.attacks.base import eval_mode
 from certlab.bounds import backsub, core
 from certlab.bounds.api import fold_spec
 from certlab.errors import InputError
+from certlab.verify.host import on_cpu
 from certlab.verify.milp import decision_tols, pre_bounds, problem, setup
 from certlab.verify.result import Result
 
@@ -55,6 +56,7 @@ def refine_pre(g, x, threat, pre, b, deadline=None):
     return pre
 
 
+@on_cpu
 @core.float32_exact
 def lp_bounds(model, x, threat, C=None, pre: str = "crown", refine: bool = False, timeout: float = 60.0):
     """(lower [B, S], upper [B, S]) of C·model(x') by the triangle LP (C=None: the logits). Sound bounds."""
@@ -76,6 +78,7 @@ def lp_bounds(model, x, threat, C=None, pre: str = "crown", refine: bool = False
             torch.as_tensor(upper, dtype=x.dtype, device=x.device))
 
 
+@on_cpu
 @core.float32_exact
 def lp_margins(model, x, y, threat, pre: str = "crown", refine: bool = False, timeout: float = 60.0):
     """[B, K] LP lower bounds on f_y − f_j (column y = 0), like :func:`certlab.margins`."""
@@ -107,6 +110,7 @@ def _lower_only(model, x, threat, C, pre, refine, timeout):
     return torch.as_tensor(lower, dtype=x.dtype, device=x.device)
 
 
+@on_cpu
 @core.float32_exact
 def verify(model, x, y, threat, timeout: float = 30.0, pre: str = "crown", refine: bool = False) -> list:
     """"verified" when every LP margin is > 0, else "unknown" (a relaxation never falsifies)."""

@@ -31,6 +31,7 @@ from certlab.bounds import backsub, core, rounding
 from certlab.bounds.ibp import interval_pass
 from certlab.errors import CertlabError, InputError
 from certlab.verify.encode import Encoding, dense_ops, encode
+from certlab.verify.host import on_cpu
 from certlab.verify.result import Result, check_counterexample
 
 TOL = 1e-6  # a margin must exceed this (solver precision) to count as verified
@@ -228,6 +229,7 @@ def setup(model, x, threat, C, pre):
     return g, Cn, pre_bounds(g, x, threat, pre)
 
 
+@on_cpu
 @core.float32_exact
 def exact_bounds(model, x, threat, C=None, pre: str = "ibp", timeout: float = 120.0):
     """Exact (lower [B, S], upper [B, S]) of C·model(x') over x' in ``threat`` (C=None: the logits, S = K).
@@ -269,6 +271,7 @@ def _attack(model, x, y, threat):
     return check_counterexample(model, x, y, threat, 0, z[0])
 
 
+@on_cpu
 @core.float32_exact
 def verify(model, x, y, threat, timeout: float = 30.0, attack: bool = True, pre: str = "crown") -> list:
     """Complete verification of every sample: a list of :class:`Result` (one per sample).
