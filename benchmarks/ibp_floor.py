@@ -133,10 +133,15 @@ def variants(model, x, C, eps, compile_=False):
     if compile_:
         compiled = torch.compile(eager, dynamic=False)
         t = time.perf_counter()
-        with torch.no_grad():
-            compiled()
-        print(f"torch.compile of the eager variant: {time.perf_counter() - t:.1f} s for the first call")
-        out["compiled"] = compiled
+        try:
+            with torch.no_grad():
+                compiled()
+        except Exception as e:  # no C++ toolchain, or inductor cannot lower an op: report it, time the rest
+            print(f"torch.compile of the eager variant failed, no compiled row: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}")
+        else:
+            print(f"torch.compile of the eager variant: {time.perf_counter() - t:.1f} s for the first call")
+            out["compiled"] = compiled
     return out
 
 

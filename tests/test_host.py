@@ -47,6 +47,18 @@ def test_copy_path_gives_the_same_answers_and_leaves_the_callers_model_alone(mon
     torch.testing.assert_close(forced[3], direct[3])
 
 
+def test_cpu_copy_is_a_deep_copy_with_tied_weights_kept():
+    lin = torch.nn.Linear(3, 3)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU(), lin, torch.nn.BatchNorm1d(3))
+    model[3].running_mean.fill_(0.5)
+    c = host.cpu_copy(model)
+    assert c[0] is c[2] and c[0] is not lin
+    assert c[0].weight.data_ptr() != lin.weight.data_ptr() and isinstance(c[0].weight, torch.nn.Parameter)
+    assert torch.equal(c[3].running_mean, model[3].running_mean)
+    c[3].running_mean.zero_()
+    assert float(model[3].running_mean[0]) == 0.5
+
+
 def test_back_moves_tensors_and_counterexamples():
     r = Result("falsified", torch.zeros(3))
     out = host._back((torch.ones(2), [r, Result("verified")]), torch.device("cpu"))

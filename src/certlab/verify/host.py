@@ -31,6 +31,16 @@ def _back(out, device):
     return out
 
 
+def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` on the CPU, made without a second copy of its tensors on their own device (the
+    parameters and buffers are copied straight to the CPU; tied ones stay tied)."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        c = t.detach().to("cpu", copy=True)
+        memo[id(t)] = torch.nn.Parameter(c, t.requires_grad) if isinstance(t, torch.nn.Parameter) else c
+    return copy.deepcopy(model, memo)
+
+
 def on_cpu(fn):
     """Decorator for ``fn(model, x, ...)``: when the model or any tensor argument lives off the CPU, call ``fn`` on
     a CPU copy of the model and CPU copies of the tensors, and return its tensors on ``x``'s device."""
@@ -42,7 +52,7 @@ def on_cpu(fn):
             return fn(model, x, *args, **kw)
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         cpu = lambda a: a.cpu() if isinstance(a, torch.Tensor) else a  # noqa: E731
-        host = copy.deepcopy(model).cpu() if isinstance(model, torch.nn.Module) else model
+        host = cpu_copy(model) if isinstance(model, torch.nn.Module) else model
         out = fn(host, cpu(x), *map(cpu, args), **{k: cpu(v) for k, v in kw.items()})
         return _back(out, device)
 
