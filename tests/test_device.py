@@ -148,13 +148,16 @@ def test_milp_and_lp_take_a_model_on_the_device():
 
     model = mlp(5, widths=(4, 8, 8, 3))
     x = torch.rand(4, 4, generator=torch.Generator().manual_seed(3))
-    y = torch.tensor([0, 1, 2, 0])  # some labels wrong: falsified with a counterexample
+    y = model(x).argmax(1)
+    y[2:] = (y[2:] + 1) % 3  # wrong labels: MILP falsifies them, with a counterexample
     dev_model, xd, yd = copy.deepcopy(model).to(DEVICE), x.to(DEVICE), y.to(DEVICE)
     for th in (certlab.LinfBall(0.1), certlab.L2Ball(0.2)):
         for method in ("milp", "lp"):
             gpu = verify_complete(dev_model, xd, yd, th, method, timeout=20)
             cpu = verify_complete(model, x, y, th, method, timeout=20)
             assert [r.status for r in gpu] == [r.status for r in cpu], (method, th.norm)
+            if method == "milp":
+                assert [r.status for r in gpu][2:] == ["falsified", "falsified"]
             for r in gpu:
                 if r.counterexample is not None:
                     assert r.counterexample.device.type == torch.device(DEVICE).type
