@@ -22,6 +22,7 @@ import math
 import torch
 
 from certlab.errors import InputError
+from certlab.tensorops import bdot
 
 _DOMAIN_TOL = 1e-6
 
@@ -140,11 +141,11 @@ class ThreatSet:
         """(min, max) of A·x' over the box [lo, hi] per row: A [B, S, …]; lo, hi [B, …] with as many entries per
         sample as a row of A has."""
         B, S = A.shape[:2]
-        mid = ((lo + hi) / 2).reshape(B, 1, -1)
-        rad = ((hi - lo) / 2).reshape(B, 1, -1)
+        mid = ((lo + hi) / 2).reshape(lo.shape[0], -1)
+        rad = ((hi - lo) / 2).reshape(lo.shape[0], -1)
         Af = A.reshape(B, S, -1)
-        c = (Af * mid).sum(-1)
-        r = (Af.abs() * rad).sum(-1)
+        c = bdot(Af, mid)
+        r = bdot(Af.abs(), rad)
         return c - r, c + r
 
     # -- interface --------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class L2Ball(ThreatSet):
     def concretize(self, A, x):
         B, S = A.shape[:2]
         Af = A.reshape(B, S, -1)
-        c = (Af * x.reshape(B, 1, -1)).sum(-1)
+        c = bdot(Af, x.reshape(B, -1))
         r = Af.norm(dim=-1) * self.eps_vector(x).view(B, 1)
         lo_ball, hi_ball = c - r, c + r
         if self.domain is None:
@@ -350,7 +351,7 @@ class SegmentUnion(ThreatSet):
     def concretize(self, A, x):
         B, S = A.shape[:2]
         Af = A.reshape(B, S, -1)
-        c = (Af * x.reshape(B, 1, -1)).sum(-1)
+        c = bdot(Af, x.reshape(B, -1))
         d = self.directions_for(x)  # [B, k, n]
         ad = torch.bmm(Af, d.transpose(1, 2))  # [B, S, k]
         blo, bhi = self.beta_range(x)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from certlab.bounds import patches, phased
+from certlab.tensorops import bdot
 
 
 PHASED = True  # dense rows through strided convolutions in the polyphase layout on CPU (False: transposed convolutions)
@@ -93,14 +94,14 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
             # (broadcasting over 5-D shapes runs several times slower in torch's CPU kernels than over 3-D)
             Bn, Sn = Ai.shape[:2]
             shape = Ai.shape
-            t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1, 1)
+            t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1)
             Ai, a, s = Ai.reshape(Bn, Sn, -1), a.reshape(a.shape[0], 1, -1), s.reshape(s.shape[0], 1, -1)
             # Λ⁻ as neg·h: clamp without gradients; with them 2Λ⁻ = Λ − |Λ| (h = ½), whose backward multiplies by
             # sign(Λ) where clamp's selects with a mask (a comparison and a where, several times slower on CPU)
             neg, h = (Ai - Ai.abs(), 0.5) if Ai.requires_grad and torch.is_grad_enabled() else (Ai.clamp(max=0), 1.0)
-            neg_t = torch.bmm(neg, t_b).squeeze(-1) * h
+            neg_t = bdot(neg, t_b) * h
             if upper:  # a = s: Λ ↦ Λs; lower constant Λ⁻t, upper constant Λ⁺t = Λt − Λ⁻t
-                all_t = torch.bmm(Ai, t_b).squeeze(-1)
+                all_t = bdot(Ai, t_b)
                 total, total_hi = total + neg_t, total_hi + (all_t - neg_t)
                 _acc(pending, node.inputs[0], _wrap((Ai * s).reshape(shape), ph))
                 continue
