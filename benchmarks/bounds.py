@@ -88,7 +88,25 @@ def margin_spec(y, K):
     return C[keep].reshape(y.shape[0], K - 1, K)
 
 
-def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
+def machine_args(ap, batch=64):
+    """The options every benchmark shares: batch, ε, torch threads and device."""
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
+
+
+def parse(ap):
+    """ap's arguments, with torch's thread count set from --threads."""
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def case(name, batch, device):
+    """(model, x, y, C) of every benchmark: the named zoo model with the IBP initialisation (seed 0) in eval mode,
+    a uniform batch in [0, 1], random labels and their margin specification, all on ``device``."""
     arch, shape, params = MODELS[name]
     torch.manual_seed(0)
     model = build(arch, shape, 10, **params)
@@ -96,8 +114,13 @@ def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
     model = model.to(device).eval()
     x = torch.rand(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
+    return model, x, y, margin_spec(y.cpu(), 10).to(device)
+
+
+def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
+    arch, shape, _ = MODELS[name]
+    model, x, y, C = case(name, batch, device)
     threat = certlab.LinfBall(eps)
-    C = margin_spec(y.cpu(), 10).to(device)
 
     def forward():
         with torch.no_grad():
@@ -183,18 +206,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,small-cnn,cnn7")
     ap.add_argument("--methods", default=",".join(certlab.METHODS))
-    ap.add_argument("--batch", type=int, default=32)
+    machine_args(ap, batch=32)
     ap.add_argument("--cnn7-batch", type=int, default=4)
-    ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-lirpa", action="store_true", help="skip the auto_LiRPA comparison even if importable")
     ap.add_argument("--no-tune", action="store_true", help="keep the allocator's defaults (see certlab.runtime)")
-    args = ap.parse_args()
+    args = parse(ap)
     print(f"memory settings (certlab.runtime): {MEMORY}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     lirpa = None
     if not args.no_lirpa:
         try:

@@ -40,11 +40,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import certlab  # noqa: E402
-from certlab.models import build, init_ibp_  # noqa: E402
 from certlab.tensorops import bdot  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bounds import MODELS, margin_spec, synced  # noqa: E402
+from bounds import MODELS, case, machine_args, parse, synced  # noqa: E402
 from ibp_floor import layers_of, variants  # noqa: E402
 
 
@@ -109,25 +108,13 @@ def floor_passes(model, x, rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small-cnn", choices=[k for k in MODELS if k != "cnn7"])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--eps", type=float, default=0.1)
+    machine_args(ap)
     ap.add_argument("--rounds", type=int, default=30, help="rounds of one call of every row")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-lirpa", action="store_true", help="skip auto_LiRPA even if importable")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(ap)
     if args.batch < 1 or args.rounds < 1 or not args.eps > 0:
         raise SystemExit("--batch and --rounds must be at least 1 and --eps positive")
-    arch, shape, params = MODELS[args.model]
-    torch.manual_seed(0)
-    model = build(arch, shape, 10, **params)
-    init_ibp_(model)
-    model = model.to(args.device).eval()
-    x = torch.rand(args.batch, *shape, device=args.device)
-    y = torch.randint(0, 10, (args.batch,))
-    C = margin_spec(y, 10).to(args.device)
+    model, x, _, C = case(args.model, args.batch, args.device)
     threat = certlab.LinfBall(args.eps)
     S = C.shape[1]
 

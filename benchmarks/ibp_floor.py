@@ -33,10 +33,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import certlab  # noqa: E402
-from certlab.models import build, init_ibp_  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bounds import MODELS, margin_spec, synced  # noqa: E402
+from bounds import MODELS, case, machine_args, parse, synced  # noqa: E402
 
 
 def layers_of(model):
@@ -148,26 +147,14 @@ def variants(model, x, C, eps, compile_=False):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,small-cnn")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--eps", type=float, default=0.1)
+    machine_args(ap)
     ap.add_argument("--calls", type=int, default=200, help="alternated calls per variant")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the eager variant")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(ap)
     for name in args.models.split(","):
         if name not in MODELS or name == "cnn7":
             raise SystemExit(f"--models: choose from mlp, small-cnn (got {name!r})")
-        arch, shape, params = MODELS[name]
-        torch.manual_seed(0)
-        model = build(arch, shape, 10, **params)
-        init_ibp_(model)
-        model = model.to(args.device).eval()
-        x = torch.rand(args.batch, *shape, device=args.device)
-        y = torch.randint(0, 10, (args.batch,))
-        C = margin_spec(y, 10).to(args.device)
+        model, x, _, C = case(name, args.batch, args.device)
         fns = {k: synced(f, args.device) for k, f in variants(model, x, C, args.eps, args.compile).items()}
         fwd = synced(lambda: model(x), args.device)
         ratios = {k: [] for k in fns}
