@@ -174,10 +174,34 @@ def bench_model(name, methods, batch, eps, repeat, device, lirpa, explicit):
         compare_lirpa(lirpa, model, x, C, eps, rows, repeat, batch)
 
 
-def compare_lirpa(lirpa, model, x, C, eps, rows, repeat, batch):
+def import_lirpa():
+    """(BoundedModule, BoundedTensor, PerturbationLpNorm) from auto_LiRPA, or None when it is not importable."""
+    try:
+        from auto_LiRPA import BoundedModule, BoundedTensor
+        from auto_LiRPA.perturbations import PerturbationLpNorm
+        import auto_LiRPA
+    except ImportError:
+        return None
+    print(f"auto_LiRPA {auto_LiRPA.__version__} found: comparing")
+    return BoundedModule, BoundedTensor, PerturbationLpNorm
+
+
+def lirpa_call(lirpa, model, x, C, eps, mode, method):
+    """A no-grad call of auto_LiRPA's ``method`` bounds of C·model over the ℓ∞ ball of radius eps ∩ [0, 1] around x,
+    in conv ``mode`` ("patches" or "matrix"): returns (lower, upper)."""
     BoundedModule, BoundedTensor, PerturbationLpNorm = lirpa
     ptb = PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
     bx = BoundedTensor(x, ptb)
+    bm = BoundedModule(model, x, bound_opts={"conv_mode": mode}, device=str(x.device))
+
+    def run():
+        with torch.no_grad():
+            return bm.compute_bounds(x=(bx,), C=C, method=method)
+
+    return synced(run, x.device)
+
+
+def compare_lirpa(lirpa, model, x, C, eps, rows, repeat, batch):
     print("\n| method | auto_LiRPA mode | auto_LiRPA samples/s | certlab / auto_LiRPA throughput | max |bound difference| |")
     print("|---|---|---|---|---|")
     for ours, theirs in (("ibp", "IBP"), ("crown-ibp", "CROWN-IBP"), ("crown", "CROWN")):
@@ -185,14 +209,7 @@ def compare_lirpa(lirpa, model, x, C, eps, rows, repeat, batch):
             continue
         for mode in ("patches", "matrix"):
             try:
-                bm = BoundedModule(model, x, bound_opts={"conv_mode": mode}, device=str(x.device))
-
-                def run():
-                    with torch.no_grad():
-                        return bm.compute_bounds(x=(bx,), C=C, method=theirs)
-
-                run = synced(run, x.device)
-
+                run = lirpa_call(lirpa, model, x, C, eps, mode, theirs)
                 run_ours, b = rows[ours]
                 t, ratio = timeit_pair(run, run_ours, repeat)  # their time / ours, call by call
                 lb, ub = run()
@@ -213,18 +230,9 @@ def main():
     ap.add_argument("--no-tune", action="store_true", help="keep the allocator's defaults (see certlab.runtime)")
     args = parse(ap)
     print(f"memory settings (certlab.runtime): {MEMORY}")
-    lirpa = None
-    if not args.no_lirpa:
-        try:
-            from auto_LiRPA import BoundedModule, BoundedTensor
-            from auto_LiRPA.perturbations import PerturbationLpNorm
-
-            lirpa = (BoundedModule, BoundedTensor, PerturbationLpNorm)
-            import auto_LiRPA
-
-            print(f"auto_LiRPA {auto_LiRPA.__version__} found: comparing")
-        except ImportError:
-            print("auto_LiRPA not importable: certlab numbers only")
+    lirpa = None if args.no_lirpa else import_lirpa()
+    if lirpa is None and not args.no_lirpa:
+        print("auto_LiRPA not importable: certlab numbers only")
     methods = [m for m in args.methods.split(",") if m]
     explicit = args.methods != ",".join(certlab.METHODS)
     for name in args.models.split(","):

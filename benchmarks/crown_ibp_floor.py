@@ -37,13 +37,12 @@ from certlab import runtime
 runtime.tune_for_script()
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import certlab  # noqa: E402
 from certlab.tensorops import bdot  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bounds import MODELS, case, machine_args, parse, synced  # noqa: E402
+from bounds import MODELS, case, import_lirpa, lirpa_call, machine_args, parse, synced  # noqa: E402
 from ibp_floor import layers_of, variants  # noqa: E402
 
 
@@ -118,23 +117,15 @@ def main():
     threat = certlab.LinfBall(args.eps)
     S = C.shape[1]
 
-    calls = {"certlab": lambda: certlab.bounds(model, x, threat, method="crown-ibp", C=C)}
-    if not args.no_lirpa:
-        try:
-            from auto_LiRPA import BoundedModule, BoundedTensor
-            from auto_LiRPA.perturbations import PerturbationLpNorm
-        except ImportError:
-            print("auto_LiRPA not importable: certlab and the floor only")
-        else:
-            ptb = PerturbationLpNorm(norm=float("inf"), eps=args.eps, x_L=(x - args.eps).clamp(0, 1),
-                                     x_U=(x + args.eps).clamp(0, 1))
-            bx = BoundedTensor(x, ptb)
-            for mode in ("patches", "matrix"):
-                bm = BoundedModule(model, x, bound_opts={"conv_mode": mode}, device=str(x.device))
-                calls[f"auto_LiRPA ({mode})"] = (lambda bm=bm: bm.compute_bounds(x=(bx,), C=C, method="CROWN-IBP"))
+    calls = {"certlab": synced(lambda: certlab.bounds(model, x, threat, method="crown-ibp", C=C), args.device)}
+    lirpa = None if args.no_lirpa else import_lirpa()
+    if lirpa is None and not args.no_lirpa:
+        print("auto_LiRPA not importable: certlab and the floor only")
+    for mode in ("patches", "matrix") if lirpa is not None else ():
+        calls[f"auto_LiRPA ({mode})"] = lirpa_call(lirpa, model, x, C, args.eps, mode, "CROWN-IBP")
     products = floor_products(model, x, 2 * S)
     passes = floor_passes(model, x, 2 * S)
-    fns = {k: synced(f, args.device) for k, f in {**calls, **passes}.items()}
+    fns = {**calls, **{k: synced(f, args.device) for k, f in passes.items()}}
     times = {k: [] for k in fns}
     with torch.no_grad():
         for f in fns.values():  # warm-up

@@ -94,7 +94,7 @@ def lower_bound(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
             # (broadcasting over 5-D shapes runs several times slower in torch's CPU kernels than over 3-D)
             Bn, Sn = Ai.shape[:2]
             shape = Ai.shape
-            t_b = t.expand(Bn, 1, *t.shape[2:]).reshape(Bn, -1)
+            t_b = t.reshape(t.shape[0], -1)  # [B or 1, n]: bdot broadcasts a map shared by the batch
             Ai, a, s = Ai.reshape(Bn, Sn, -1), a.reshape(a.shape[0], 1, -1), s.reshape(s.shape[0], 1, -1)
             # Λ⁻ as neg·h: clamp without gradients; with them 2Λ⁻ = Λ − |Λ| (h = ½), whose backward multiplies by
             # sign(Λ) where clamp's selects with a mask (a comparison and a where, several times slower on CPU)
