@@ -6,7 +6,9 @@ The graph is a list of nodes in topological order. Node 0 is the input. ``affine
 (``certlab.nn.Residual``). Every node records ``name`` (its path in the model) and ``shape`` (per sample).
 
 BatchNorm becomes a per-channel affine map: with its running statistics in eval mode, and with the statistics of the
-current batch (the ones the forward pass uses) in train mode, computed from the batch's clean forward values.
+current batch (the ones the forward pass uses) in train mode, computed from the batch's clean forward values (the
+map a training loss bounds). In eval mode a BatchNorm without running statistics also normalises with the batch's,
+so a sample's output depends on the rest of the batch: no per-sample bound exists and it is refused.
 """
 
 from __future__ import annotations
@@ -243,7 +245,13 @@ class _Builder:
             want = 3 if isinstance(m, nn.BatchNorm2d) else (1, 2)
             if (len(shape) != want if isinstance(want, int) else len(shape) not in want) or shape[0] != m.num_features:
                 raise InputError(f"layer '{where}' ({type(m).__name__}) expects {m.num_features} channels, receives shape {shape}")
-            if m.training or not m.track_running_stats:  # the batch's statistics: the walk needs the values
+            if not m.training and (m.running_mean is None or m.running_var is None):  # torch: batch statistics
+                raise UnsupportedLayerError(
+                    f"layer '{where}' ({type(m).__name__}) has no running statistics (track_running_stats=False): in "
+                    "eval mode it normalises with the statistics of the batch, so each sample's output depends on the "
+                    "other samples and no per-sample bound exists; use track_running_stats=True"
+                )
+            if m.training:  # the batch's statistics (as torch's forward): the walk needs the values
                 if val is None:
                     raise _NeedValues
                 if m.training and val.shape[0] < 2:
