@@ -84,6 +84,10 @@ class _Search:
             self.start, self.A, self.c = len(self.g.nodes) - 1, C, C.new_zeros(C.shape[0])
         self.dense = None
         self.n_max = max([int(np.prod(n.shape)) for n in self.g.nodes])
+        self.deadline = None  # time.perf_counter() value after which bounding and attacks stop (None: never)
+
+    def late(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
     # -- bounds ------------------------------------------------------------------------------------------
     def _record(self, pre, N, alpha=None, beta=None, signs=None):
@@ -143,6 +147,8 @@ class _Search:
         best = low.detach()
         with torch.enable_grad():
             for _ in range(self.iters):
+                if self.late():  # every step's bound is sound: keep the best so far
+                    break
                 A0, total, coefs = self._record(pre, N, alpha, beta, signs)
                 cur = self.threat.concretize(A0, X)[0] + total
                 best = torch.maximum(best, cur.detach())
@@ -161,7 +167,10 @@ class _Search:
         return best, A0.detach(), {k: v.detach() for k, v in coefs.items()}
 
     def evaluate(self, lo, hi, split, start_pos):
-        """Recompute ReLU bounds after position start_pos, then margins. Returns (lo, hi, low [N,S], A0, coefs)."""
+        """Recompute ReLU bounds after position start_pos, then margins. Returns (lo, hi, low [N,S], A0, coefs), or
+        None when the deadline passes first."""
+        if self.late():
+            return None
         N = lo[0].shape[0]
         X = self.x.expand(N, *self.x.shape[1:])
         pre = {}
@@ -172,7 +181,10 @@ class _Search:
             if pos > start_pos and p not in self.exact:
                 cols = ((l < 0) & (u > 0)).any(0).nonzero().flatten()
                 if cols.numel():
-                    nl, nu = self._node_bounds(p, cols, pre, X, pos)
+                    nb = self._node_bounds(p, cols, pre, X, pos)
+                    if nb is None:
+                        return None
+                    nl, nu = nb
                     l, u = l.clone(), u.clone()
                     l[:, cols] = torch.maximum(l[:, cols], nl)
                     u[:, cols] = torch.minimum(u[:, cols], nu)
@@ -189,6 +201,8 @@ class _Search:
         chunk = max(1, int(BUDGET // (2 * N * self.n_max)))
         outs_l, outs_u = [], []
         for c0 in range(0, cols.numel(), chunk):
+            if self.late():
+                return None
             cc = cols[c0:c0 + chunk]
             S = cc.numel()
             A = torch.zeros(N, S, n, dtype=X.dtype, device=X.device)
@@ -239,6 +253,8 @@ class _Search:
         step = 0.25 * eps
         yv = self.y.expand(N)
         for _ in range(steps):
+            if self.late():
+                break
             z = z.detach().requires_grad_(True)
             with torch.enable_grad():
                 out = self.model(z)
@@ -334,6 +350,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         if z is not None:
             return done("falsified", z)
     S = _Search(model, x, y, threat, batch, iters)
+    S.deadline = deadline
     S.tol, S.tol_solver = decision_tols(model, x, y, threat)
     pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")
     lo = [pre0[r][0].reshape(1, -1) for r in S.relus]
@@ -346,7 +363,11 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
     global_low = None
     while pending:
         lo, hi, split, start_pos, depths = pending.pop()
-        lo, hi, low, A0, coefs = S.evaluate(lo, hi, split, start_pos)
+        ev = S.evaluate(lo, hi, split, start_pos)
+        if ev is None:  # out of time while bounding this batch
+            stuck = True
+            break
+        lo, hi, low, A0, coefs = ev
         nodes += low.shape[0]
         rounds += 1
         if global_low is None:
@@ -377,6 +398,9 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         while heap and len(take) < max(1, batch // 2):
             _, _, d = heapq.heappop(heap)
             if d.branch is None or d.n_cross <= leaf_milp:
+                if S.late():
+                    stuck = True
+                    break
                 res = S.leaf(d, deadline)
                 nodes += 1
                 if isinstance(res, torch.Tensor):
@@ -408,7 +432,8 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         pending.append((stack(kids_lo), stack(kids_hi), stack(kids_split), start, kd))
     if not heap and not pending and not stuck:
         return done("verified")
-    return done("unknown", bound=min([global_low] + ([heap[0][0]] if heap else [])))
+    known = [v for v in [global_low] + ([heap[0][0]] if heap else []) if v is not None]
+    return done("unknown", bound=min(known) if known else None)
 
 
 @core.float32_exact
@@ -440,15 +465,20 @@ def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, 
         for i in cert.nonzero().flatten().tolist():
             out[i] = Result("verified", None, share, 1, None, "bab")
         rest = (~cert).nonzero().flatten()
+        used = share  # each sample's share of the screening counts against its timeout
         if attack and rest.numel():
             t0 = time.perf_counter()
             found = attack_subset(model, x, y, threat, rest, ("apgd-ce", "apgd-t"))
-            share2 = share + (time.perf_counter() - t0) / rest.numel()
+            used = share2 = share + (time.perf_counter() - t0) / rest.numel()
             for i, z in found.items():
                 out[i] = Result("falsified", z, share2, 0, None, "bab")
         for b in range(B):
             if out[b] is None:
+                if used >= timeout:
+                    out[b] = Result("unknown", None, used, 0, None, "bab")
+                    continue
                 ts = single_threat(threat, x, b)
-                out[b] = _bab_one(model, x[b:b + 1], y[b:b + 1], ts, float(timeout), int(max_nodes), int(batch),
+                out[b] = _bab_one(model, x[b:b + 1], y[b:b + 1], ts, float(timeout) - used, int(max_nodes), int(batch),
                                   False, pgd_every, int(leaf_milp), int(iters))
+                out[b].time += used
     return out

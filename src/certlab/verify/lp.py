@@ -29,8 +29,10 @@ from certlab.verify.result import Result
 
 
 def refine_pre(g, x, threat, pre, b, deadline=None):
-    """Tighten sample b's pre-activation bounds with the LP, ReLU by ReLU (in place on copies; returns them)."""
+    """Tighten sample b's pre-activation bounds with the LP, ReLU by ReLU (in place on copies; returns them). Stops
+    at ``deadline`` (a ``time.perf_counter()`` value) with the bounds tightened so far (each is sound)."""
     pre = {i: (l.clone(), u.clone()) for i, (l, u) in pre.items()}
+    late = lambda: deadline is not None and time.perf_counter() >= deadline  # noqa: E731
     for r in g.relus:
         p = g.nodes[r].inputs[0]
         sub = core.Graph(g.nodes[:p + 1])
@@ -39,8 +41,12 @@ def refine_pre(g, x, threat, pre, b, deadline=None):
         todo = ((lf < 0) & (uf > 0)).nonzero().flatten().tolist()
         if not todo:
             continue
+        if late():
+            return pre
         prob = problem(sub, x, threat, pre, b, integral=False)
         for k in todo:
+            if late():
+                return pre
             coef = np.zeros(lf.numel())
             coef[k] = 1.0
             obj, const = prob.enc.linear(p, coef)
@@ -67,6 +73,8 @@ def lp_bounds(model, x, threat, C=None, pre: str = "crown", refine: bool = False
         for b in range(B):
             deadline = time.perf_counter() + timeout
             Pb = refine_pre(g, x, threat, P, b, deadline) if refine else P
+            if time.perf_counter() >= deadline:
+                continue
             prob = problem(g, x, threat, Pb, b, integral=False)
             for s in range(S):
                 obj, const = prob.enc.linear(g.output, Cn[b, s])
@@ -90,14 +98,19 @@ def lp_margins(model, x, y, threat, pre: str = "crown", refine: bool = False, ti
     return low.masked_fill(torch.nn.functional.one_hot(y, K).bool(), 0.0)
 
 
-def _lower_only(model, x, threat, C, pre, refine, timeout):
+def _lower_only(model, x, threat, C, pre, refine, timeout, deadline=None):
+    """[B, S] LP lower bounds of C·f (−inf where time ran out): ``timeout`` seconds per sample, or all of them by
+    ``deadline`` (a ``time.perf_counter()`` value) when given."""
     with eval_mode(model), torch.no_grad():
         g, Cn, P = setup(model, x, threat, C, pre)
         B, S = Cn.shape[:2]
         lower = np.full((B, S), -np.inf)
+        fixed = deadline
         for b in range(B):
-            deadline = time.perf_counter() + timeout
+            deadline = fixed if fixed is not None else time.perf_counter() + timeout
             Pb = refine_pre(g, x, threat, P, b, deadline) if refine else P
+            if time.perf_counter() >= deadline:
+                continue
             prob = problem(g, x, threat, Pb, b, integral=False)
             for s in range(S):
                 if not Cn[b, s].any():
@@ -136,7 +149,7 @@ def verify(model, x, y, threat, timeout: float = 30.0, pre: str = "crown", refin
             open_rows = (low <= tol).nonzero().flatten().tolist()
             proven = True
             if open_rows:
-                lp = _lower_only(model, xb, ts, C[:, open_rows], pre, refine, max(timeout - (time.perf_counter() - t0), 0.05))
+                lp = _lower_only(model, xb, ts, C[:, open_rows], pre, refine, timeout, deadline=t0 + timeout)
                 proven = bool((lp[0] > tol_solver).all())
                 low[open_rows] = torch.maximum(low[open_rows], lp[0])
             worst = float(low.min())

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -36,6 +37,8 @@ from certlab.verify.result import Result, check_counterexample
 
 TOL = 1e-6  # a margin must exceed this (solver precision) to count as verified
 SOLVER_REL = 1e-6  # ... and this much of the size of the terms it is made of (HiGHS's tolerances are absolute)
+GRACE = 0.25  # seconds a HiGHS run may go on past its deadline before it is abandoned (see bounded)
+_SOLVER = threading.Lock()  # one HiGHS run at a time: one abandoned at its deadline ends before the next starts
 
 
 def decision_tols(model, x, y, threat) -> tuple[float, float]:
@@ -68,6 +71,39 @@ def _quiet():
         os.close(null)
 
 
+def bounded(call, deadline: float):
+    """``call()`` (a HiGHS run: it releases the GIL) in a worker thread; its result, or None when it has not
+    returned GRACE seconds after ``deadline`` (a ``time.perf_counter()`` value).
+
+    HiGHS does not look at the clock everywhere (during cut separation at the root it overran a 2 s time_limit by
+    0.7 s on a 784-300-300-300 MLP), so its time_limit alone does not bound our wall time. An abandoned run goes on in
+    the background until it stops by its own limit; the next run waits for it (within its own deadline)."""
+    if not _SOLVER.acquire(timeout=max(deadline - time.perf_counter(), 0.0)):
+        return None
+    box = {}
+
+    def work():
+        try:
+            box["r"] = call()
+        except BaseException as e:  # handed to the caller
+            box["e"] = e
+        finally:
+            _SOLVER.release()
+
+    t = threading.Thread(target=work, name="certlab-highs", daemon=True)
+    t.start()
+    t.join(max(deadline - time.perf_counter(), 0.0) + GRACE)
+    if t.is_alive():
+        return None
+    if "e" in box:
+        raise box["e"]
+    return box["r"]
+
+
+def _limit(nodes=0) -> dict:
+    return {"status": "limit", "value": None, "bound": None, "v": None, "nodes": nodes}
+
+
 def pre_bounds(g, x, threat, method: str = "crown"):
     """{relu node: (l, u)} pre-activation bounds: "ibp", or "crown" (CROWN ∩ IBP)."""
     if method == "ibp":
@@ -97,20 +133,30 @@ class Problem:
 
     def solve(self, obj, const, maximize=False, time_limit=60.0, integral=True):
         """dict(status, value, bound, v, nodes): value/v the best point found (None if none), bound a proven
-        bound on the optimum (lower for min, upper for max); status "optimal" | "limit" | "failed"."""
+        bound on the optimum (lower for min, upper for max); status "optimal" | "limit" | "failed". Returns within
+        ``time_limit`` (at least 0.05) + GRACE seconds, retries included, whatever HiGHS does (:func:`bounded`)."""
+        deadline = time.perf_counter() + max(float(time_limit), 0.05)
         c = -obj if maximize else obj
         if not integral or not self.integ.any():
-            r = self._solve_lp(c, const, maximize, time_limit)
+            r = self._solve_lp(c, const, maximize, deadline)
             if r is not None:
                 return r  # else numerical trouble in the interior-point method: the simplex path below retries
         cons = LinearConstraint(self.A, self.lo, self.hi) if self.A.shape[0] else None
-        opts = {"time_limit": max(float(time_limit), 0.05), "mip_rel_gap": 1e-9, "disp": False}
+        opts = {"mip_rel_gap": 1e-9, "disp": False}
+
+        def run(**extra):  # HiGHS with the time left to the deadline (None: none left, or abandoned)
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return None
+            return bounded(lambda: _milp(c, integrality=self.integ if integral else None, bounds=_Box(self.lb, self.ub),
+                                         constraints=cons, options={**opts, **extra, "time_limit": left}), deadline)
+
         with _quiet():
-            res = _milp(c, integrality=self.integ if integral else None, bounds=_Box(self.lb, self.ub),
-                        constraints=cons, options=opts)
-            if res.status == 4:  # HiGHS "solve error" (seen on nearly infeasible subdomains): retry without presolve
-                res = _milp(c, integrality=self.integ if integral else None, bounds=_Box(self.lb, self.ub),
-                            constraints=cons, options={**opts, "presolve": False})
+            res = run()
+            if res is not None and res.status == 4:  # HiGHS "solve error" (seen on nearly infeasible subdomains)
+                res = run(presolve=False)  # retry without presolve
+        if res is None:
+            return _limit()
         sign = -1.0 if maximize else 1.0
         v = None if res.x is None else np.asarray(res.x)
         value = None if v is None else sign * float(c @ v) + const
@@ -124,7 +170,7 @@ class Problem:
         return {"status": status, "value": value, "bound": bound, "v": v,
                 "nodes": int(getattr(res, "mip_node_count", 0) or 0)}
 
-    def _solve_lp(self, c, const, maximize, time_limit):
+    def _solve_lp(self, c, const, maximize, deadline):
         """The LP relaxation by HiGHS' interior-point method (with crossover): on the dense encodings of MLPs such
         as fc5 (~10⁶ nonzeros) about 10× faster than the dual simplex that milp() runs on a problem without
         integers (4 s instead of 45–60 s per margin). None on a numerical failure (the caller falls back)."""
@@ -133,10 +179,16 @@ class Problem:
         up, down = np.isfinite(hi) & ~eq, np.isfinite(lo) & ~eq
         A_ub = sp.vstack([A[up], -A[down]], format="csr") if (up.any() or down.any()) else None
         b_ub = np.concatenate([hi[up], -lo[down]]) if A_ub is not None else None
-        opts = {"time_limit": max(float(time_limit), 0.05), "disp": False}
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return _limit()
+        opts = {"time_limit": left, "disp": False}
         with _quiet():
-            res = _linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A[eq] if eq.any() else None, b_eq=lo[eq] if eq.any() else None,
-                           bounds=np.stack([self.lb, self.ub], 1), method="highs-ipm", options=opts)
+            res = bounded(lambda: _linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A[eq] if eq.any() else None,
+                                           b_eq=lo[eq] if eq.any() else None, bounds=np.stack([self.lb, self.ub], 1),
+                                           method="highs-ipm", options=opts), deadline)
+        if res is None:
+            return _limit()
         if res.status == 4:
             return None
         sign = -1.0 if maximize else 1.0
@@ -159,8 +211,7 @@ class Problem:
         while True:
             left = 60.0 if deadline is None else deadline - time.perf_counter()
             if left <= 0:
-                return {"status": "limit", "value": None, "bound": None, "v": None, "point": None,
-                        "nodes": nodes, "exact": False}
+                return {**_limit(nodes), "point": None, "exact": False}
             r = self.solve(obj, const, maximize, left, integral)
             nodes += r["nodes"] + 1
             r["nodes"] = nodes
@@ -316,6 +367,8 @@ def _verify_one(model, g, x, y, threat, b, timeout, attack, pre):
     proven = [float(low[j]) for j in range(K) if j != yi and low[j] > tol]
     if not order:
         return done("verified", bound=min(proven))
+    if time.perf_counter() >= deadline:  # spent on the attack and the bounds: skip building the encoding
+        return done("unknown")
     prob = problem(gb, xb, ts, P, 0)
     Cn = C[0].double().cpu().numpy()
     make = evaluator(model, x.shape[1:]) if ts.norm == "l2" else None
