@@ -89,3 +89,4 @@ def test_box_in_training_objectives():
         lo.sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         model.zero_grad()
+

@@ -366,14 +366,3 @@ def check_labels(y, B: int, K: int, device) -> torch.Tensor:
 def margin_spec(y: torch.Tensor, K: int, dtype) -> torch.Tensor:
     """C [B, K, K] with row j = e_y − e_j (row y is zero), so C·f gives the margins f_y − f_j."""
     return margin_table(y, K, dtype).dense()
-
-
-@float32_exact
-def relu_bounds(model, x, threat, method: str = "crown", **opts):
-    """Pre-activation bounds (lower, upper) of every ReLU of ``model`` in order, each [B, *shape]."""
-    from certlab.bounds.api import intermediate_bounds  # local: the API imports this module
-
-    validate(model, x, threat)
-    g = build_graph(model, x)
-    lb = intermediate_bounds(g, x, threat, method, **opts)
-    return [lb[i] for i in g.relus]
