@@ -315,7 +315,8 @@ def build_graph(model: nn.Module, x: torch.Tensor, full: bool = False) -> Graph:
 
 def validate(model, x, threat) -> None:
     if not isinstance(threat, ThreatSet):
-        raise InputError(f"threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion), got {type(threat).__name__}")
+        raise InputError("threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion, Box), "
+                         f"got {type(threat).__name__}")
     threat.validate(x)
 
 

@@ -72,7 +72,8 @@ def pgd(model, x, y, ctx):
     cfg = ctx.cfg
     if ctx.eps > 0:
         threat = ctx.threat(x)
-        opts = {} if cfg.attack_step is None or not threat.gradient_attacks else {"step_size": cfg.attack_step * ctx.eps}
+        fixed_step = cfg.attack_step is not None and threat.gradient_attacks
+        opts = {"step_size": cfg.attack_step * ctx.eps} if fixed_step else {}
         x_adv, z_clean = run_with_clean_logits(model, x, y, threat, method=cfg.attack, steps=cfg.attack_steps,
                                                restarts=cfg.attack_restarts, seed=ctx.seed, **opts)
     else:
