@@ -76,9 +76,9 @@ def _check_domain(domain):
 
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
-    """sqrt(max(v, 0)) with a finite gradient everywhere (0 at v ≤ 0, where the true derivative is infinite)."""
-    pos = v > 0
-    return torch.where(pos, v.clamp_min(1e-30).sqrt(), torch.zeros_like(v))
+    """sqrt(max(v, tiny)): at most √tiny (1e-19 in float32) above sqrt(max(v, 0)), so still an upper bound, with a
+    finite gradient everywhere (0 below tiny; the derivative of √· at 0 is infinite and made NaN gradients)."""
+    return v.clamp_min(torch.finfo(v.dtype).tiny).sqrt()
 
 
 class _Prefix:
