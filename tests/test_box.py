@@ -108,3 +108,11 @@ def test_training_objectives_take_a_box(objective):
     loss, stats = OBJECTIVES[objective](model, x, y, ctx)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_float64_box_is_rounded_outwards_for_float32_inputs():
+    lo64 = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64)
+    hi64 = lo64 + 1e-3
+    box = certlab.Box(lo64, hi64)
+    lo, hi = box.interval_hull(lo64.float() + 5e-4)
+    assert (lo.double() <= lo64).all() and (hi.double() >= hi64).all()
