@@ -29,7 +29,7 @@ def check_inputs(model, x, y, threat) -> None:
     if not callable(model):
         raise InputError(f"model must be a callable (torch.nn.Module), got {type(model).__name__}")
     if not isinstance(threat, ThreatSet):
-        raise InputError("threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion), "
+        raise InputError("threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion, Box), "
                          f"got {type(threat).__name__}")
     threat.validate(x)
     if not isinstance(y, torch.Tensor):
@@ -148,16 +148,6 @@ def loss_and_grad(model, x: torch.Tensor, loss_fn):
 def bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, 1, ..., 1] to broadcast against x."""
     return v.view(-1, *([1] * (x.dim() - 1)))
-
-
-def ascent_direction(g: torch.Tensor, norm: str) -> torch.Tensor:
-    """Steepest-ascent direction of unit dual norm: ``sign(g)`` for ℓ∞, ``g/‖g‖₂`` for ℓ2."""
-    if norm == "linf":
-        return g.sign()
-    if norm == "l2":
-        n = g.reshape(g.shape[0], -1).norm(dim=1).clamp_min(1e-12)
-        return g / bview(n, g)
-    raise InputError(f"gradient attacks support the linf and l2 balls, not {norm!r}")
 
 
 def random_start(threat, x, generator):

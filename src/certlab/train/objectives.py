@@ -27,7 +27,7 @@ from certlab.attacks.api import run_with_clean_logits
 from certlab.attacks.base import eval_mode
 from certlab.attacks.kernels import input_grad, recording
 from certlab.bounds import core
-from certlab.bounds.api import fold_spec
+from certlab.bounds.api import fold_spec, relu_bounds
 from certlab.bounds.spec import margin_table
 from certlab.bounds.ibp import interval_pass
 from certlab.train import schedules
@@ -71,8 +71,10 @@ def standard(model, x, y, ctx):
 def pgd(model, x, y, ctx):
     cfg = ctx.cfg
     if ctx.eps > 0:
-        opts = {} if cfg.attack_step is None or cfg.norm == "segments" else {"step_size": cfg.attack_step * ctx.eps}
-        x_adv, z_clean = run_with_clean_logits(model, x, y, ctx.threat(x), method=cfg.attack, steps=cfg.attack_steps,
+        threat = ctx.threat(x)
+        fixed_step = cfg.attack_step is not None and threat.gradient_attacks
+        opts = {"step_size": cfg.attack_step * ctx.eps} if fixed_step else {}
+        x_adv, z_clean = run_with_clean_logits(model, x, y, threat, method=cfg.attack, steps=cfg.attack_steps,
                                                restarts=cfg.attack_restarts, seed=ctx.seed, **opts)
     else:
         x_adv = x
@@ -100,11 +102,7 @@ def _trades_adversary(model, x, threat, steps, seed):
                 out = model(z)
             kl = F.kl_div(F.log_softmax(out, 1), p_clean, reduction="sum")
             grad = input_grad(model, kl, z)
-            if threat.norm == "linf":
-                z = z.detach() + step * grad.sign()
-            else:
-                n = grad.reshape(x.shape[0], -1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-                z = z.detach() + step * grad / n
+            z = z.detach() + step * threat.ascent(grad)
             z = threat.project(z, x)
     finally:
         model.train(was)
@@ -150,7 +148,7 @@ def _margins_and_relus(model, x, y, threat, relaxation, need_relus, want_logits,
         m = low.masked_fill(F.one_hot(yy, K).bool(), 0.0)
         return m, ([pre[i] for i in gs.relus] if need_relus else None), (g.output_value if full else None)
     m = certlab.margins(model, x, y, threat, method=relaxation, **opts)
-    rel = core.relu_bounds(model, x, threat, "ibp") if need_relus else None
+    rel = relu_bounds(model, x, threat, "ibp") if need_relus else None
     return m, rel, None
 
 
