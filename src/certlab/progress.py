@@ -96,9 +96,9 @@ class LogBar(_Null):
         el = time.monotonic() - self.t0
         head = f"{self.desc}: " if self.desc else ""
         if done:
-            count = f"{self.n}/{self.total} {self.unit} " if self.total is not None else \
-                f"{self.n} {self.unit} " if self.n else ""
-            return f"{head}done, {count}in {clock(el)}"
+            count = f", {self.n}/{self.total} {self.unit}" if self.total is not None else \
+                f", {self.n} {self.unit}" if self.n else ""
+            return f"{head}done{count} in {clock(el)}"
         if self.total is None:
             parts = [f"{self.n} {self.unit}" if self.n else "running", f"elapsed {clock(el)}"]
         else:

@@ -186,8 +186,8 @@ def certify_cmd(args) -> int:
     if method not in ALL_METHODS:
         import difflib
 
-        near = difflib.get_close_matches(args.method.lower(), ALL_METHODS, n=1)
-        raise CertlabError(f"unknown method {args.method!r}" + (f" (did you mean {near[0]}?)" if near else "") +
+        near = difflib.get_close_matches(args.method.lower(), ALL_METHODS, n=2)
+        raise CertlabError(f"unknown method {args.method!r}" + (f" (did you mean {' or '.join(near)}?)" if near else "") +
                            f"; choose one of {', '.join(ALL_METHODS)}")
     for name in ("timeout", "batch", "max_nodes"):
         if not getattr(args, name) > 0:
