@@ -465,7 +465,8 @@ def _write_text(path, text):
 
 # ---- the report -------------------------------------------------------------------------------------------
 COMPARE_FILE = "compare.json"  # written by ``certlab demo`` (certlab.demo) into the sweep folder
-RECIPE_NAMES = {"standard": "standard", "pgd": "PGD (AT)", "ibp": "IBP (certified)", "crown-ibp": "CROWN-IBP (certified)"}
+RECIPE_NAMES = {"standard": "standard", "pgd": "PGD (AT)", "ibp": "IBP (certified)",
+                "crown-ibp": "CROWN-IBP (certified)"}
 
 
 def read_compare(sweep_dir) -> dict:

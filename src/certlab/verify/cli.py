@@ -187,8 +187,8 @@ def certify_cmd(args) -> int:
         import difflib
 
         near = difflib.get_close_matches(args.method.lower(), ALL_METHODS, n=2)
-        raise CertlabError(f"unknown method {args.method!r}" + (f" (did you mean {' or '.join(near)}?)" if near else "") +
-                           f"; choose one of {', '.join(ALL_METHODS)}")
+        hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+        raise CertlabError(f"unknown method {args.method!r}{hint}; choose one of {', '.join(ALL_METHODS)}")
     for name in ("timeout", "batch", "max_nodes"):
         if not getattr(args, name) > 0:
             raise CertlabError(f"--{name.replace('_', '-')} must be > 0")
