@@ -222,7 +222,8 @@ def _subparsers():
 
 def test_every_option_has_real_help():
     subs = _subparsers()
-    for name in ("train", "evaluate", "certify", "diagnose", "export"):
+    assert {"train", "evaluate", "certify", "diagnose", "export"} <= set(subs)
+    for name in subs:
         for a in subs[name]._actions:
             if isinstance(a, argparse._HelpAction):
                 continue
@@ -266,7 +267,7 @@ def test_demo_comparison_is_stored_for_the_report_and_reused(tmp_path, monkeypat
     rows = demo.compare(tmp_path, datasets=("spheres",), progress=True, epochs=1, val_n=20, eval_n=100)
     assert [r["name"] for r in rows["spheres"]] == ["standard", "pgd", "ibp"]
     printed = capsys.readouterr().out
-    assert "spheres: training pgd" in printed and "spheres: test errors" in printed
+    assert "spheres: training and evaluating pgd" in printed and "spheres: test errors" in printed
     assert report.read_compare(tmp_path) == rows  # what the report's first section shows
 
     def no_training(*a, **k):
