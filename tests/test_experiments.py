@@ -7,8 +7,9 @@ cell (certlab.train on a few spheres points) when the training module is availab
 import json
 import os
 import signal
-import sqlite3
 import re
+import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -288,8 +289,18 @@ def test_report_from_synthetic_database(fake, tmp_path):
     mean, se = sum(vals) / 2, abs(vals[0] - vals[1]) / 2
     assert f"| 2 | IBP | 2 | {mean * 100:.1f} ± {se * 100:.1f} |" in text or \
            f"| 2 | certified (ibp) |" in text or f"{mean * 100:.1f} ± {se * 100:.1f}" in text
-    assert "above AT at 3/3 values" in text and "grows" in text
-    assert re.search(r"points as k[^;]* goes 1 → 3 \((grows|shrinks|flat);", text)  # which way the trend reads
+    assert "IBP has the higher robust error at 3 of 3 values of k" in text or \
+        re.search(r"has the higher robust error at 3 of 3 values of k", text)
+    # the gap is named at both ends of the axis, so the direction of the trend reads the right way round
+    assert re.search(r"the gap goes from \+\d+\.\d points at k = 1 to \+\d+\.\d points at k = 3: a rise of \d+\.\d "
+                     r"points; it rose at 2 of the 2 steps", text)
+    assert "steps up" not in text and "(flat;" not in text
+    # files readable like any other file the package writes (not mkstemp's 0600)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in ["report.md", "report.html"] + [os.path.join("figures", g) for g in figs]:
+        assert stat.S_IMODE(os.stat(os.path.join(os.path.dirname(md), f)).st_mode) == 0o666 & ~mask, f
+    assert not os.path.exists(os.path.join(out, runner.LOCK_NAME))  # the sweep removed its lock file
 
 
 def test_unstable_figure_has_one_subplot_per_value_of_its_own_panel(fake, tmp_path):
@@ -376,6 +387,71 @@ def test_report_axes_and_identical_axis_note():
     assert report.identical_note(same, (), "k") == ""
     assert report.fmt((0.1234, 0.01, 2)) == "12.3 ± 1.0" and report.fmt((0.5, None, 1)) == "50.0"
     assert report.mean_se([0.1, 0.3]) == (pytest.approx(0.2), pytest.approx(0.1), 2)
+
+
+def test_figures_show_coincident_lines_and_share_y_ranges(monkeypatch, tmp_path):
+    """Two methods with identical values are both visible (different markers and line styles, dodged in x) and
+    named as coinciding; the error panels share one y range from 0; the unstable-ReLU axis has its unit."""
+    agg = {}
+    for xv in (1.0, 3.0, 5.0):
+        for mth, ce in (("AT", 0.10), ("IBP", 0.30), ("Fast-Lin", 0.30)):
+            agg[((), mth, xv)] = {"clean_error": (ce, None, 1), "robust_error": (ce + 0.02 * xv, None, 1),
+                                  "certified_error.train": (0.9, None, 1), "unstable_relus": (20.0 + 0.1 * xv, None, 1)}
+    series = {"IBP": [(1, 0.3), (3, 0.3)], "Fast-Lin": [(1, 0.3), (3, 0.3)], "AT": [(1, 0.1), (3, 0.1)]}
+    assert report.coincident(series) == [("Fast-Lin", "IBP")]
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(report._plt(), "close", lambda fig: None)
+    report.figure_vs_x(agg, (), "eps", report.MAIN_METRICS, str(tmp_path / "f.png"), "t")
+    axes = figs[0].axes
+    assert [ax.get_ylim() for ax in axes[:3]] == [axes[0].get_ylim()] * 3 and axes[0].get_ylim()[0] == 0
+    assert axes[0].get_ylim()[1] >= 90  # the certified-error panel's values set the shared range
+    assert axes[3].get_ylim()[0] == 0 and "per sample" in axes[3].get_ylabel()  # 20 ± 0.2 does not fill the axis
+    assert "IBP = Fast-Lin" in axes[0].get_title() or "Fast-Lin = IBP" in axes[0].get_title()
+    data = [c.lines[0] for c in axes[0].containers]  # the data line of each method's errorbar
+    assert len(data) == 3 and len({(l.get_marker(), l.get_linestyle()) for l in data}) == 3
+    xs = {round(float(l.get_xdata()[0]), 6) for l in data}
+    assert len(xs) == 3  # the three methods' first points sit at three dodged x positions
+
+
+def test_report_acr_column_only_when_measured_and_demo_comparison_included(fake, tmp_path):
+    out = tmp_path / "sweep"
+    runner.run_sweep(spec(fake / "log"), out, jobs=2, progress=False)
+    text = open(report.write_report(out)).read()
+    assert "ACR % of ε" in text
+    acr_rows = [l for l in text.splitlines() if l.startswith("| 1 | AT |")]
+    assert acr_rows and "—" not in acr_rows[0]  # the fake cells measured ACR: the column is filled
+    # a sweep whose cells did not measure ACR: no column of dashes, a sentence instead
+    con = sqlite3.connect(store.db_path(out))
+    con.execute("DELETE FROM metrics WHERE key LIKE 'acr.%'")
+    con.commit()
+    con.close()
+    rows = [{"name": n, "clean_error": 0.1 * i, "robust_error": 0.2 * i, "certified_error": {"ibp": 0.3 * i},
+             "unstable_relus": 1.5, "eps": 0.1, "norm": "linf", "model": "mlp", "n": 100}
+            for i, n in enumerate(("standard", "pgd", "ibp"), 1)]
+    (out / "compare.json").write_text(json.dumps({"digits": {"settings": {}, "rows": rows}}))
+    text = open(report.write_report(out)).read()
+    assert "ACR % of ε" not in text and "did not measure the average certified radius" in text
+    assert "## Standard vs PGD vs IBP training on built-in data" in text
+    assert "| PGD (AT) | 20.0 | 40.0 | 60.0 | 1.5 |" in text
+    assert text.index("built-in data") < text.index("Experiment toy")  # the demo's first part comes first
+
+
+def test_sweep_prints_status_lines_while_cells_run_and_removes_its_lock(fake, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CERTLAB_PROGRESS_INTERVAL", "0.2")
+    out = tmp_path / "slow"
+    sp = spec(fake / "log", grid={"objective": ["pgd", "certified"]})
+    sp["base"]["sleep"] = 1.0
+    runner.run_sweep(sp, out, jobs=1, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    status = [l for l in lines if l.strip().startswith("sweep: ")]
+    assert status and any("0/2 cells done, 1 running" in l for l in status), lines
+    assert any("1/2 cells done" in l and "ETA 0:0" in l for l in status), lines
+    assert len(status) <= 2.5 / 0.2 + 1  # rate limited
+    assert not (out / runner.LOCK_NAME).exists()
+    with runner._DirLock(str(out)):  # and a new sweep can lock the folder again
+        assert (out / runner.LOCK_NAME).exists()
+    assert not (out / runner.LOCK_NAME).exists()
 
 
 def test_cell_metric_summaries():

@@ -25,12 +25,9 @@ from certlab.threat import ThreatSet
 
 
 def _progress(total, desc, enabled):
-    import sys
+    from certlab.progress import bar
 
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
-                disable=not (enabled and sys.stderr.isatty()))
+    return bar(total, desc, enabled, unit="samples")  # a tqdm bar on a terminal, periodic log lines elsewhere
 
 
 def _radius(model, x, y, threat, method, max_eps):

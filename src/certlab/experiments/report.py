@@ -1,5 +1,5 @@
 """``certlab report DIR``: Markdown + HTML with tables (mean ± s.e. over seeds) and PNG figures, read only from
-``DIR/results.sqlite``.
+``DIR/results.sqlite`` (and ``DIR/compare.json`` when ``certlab demo`` wrote one).
 
 For each experiment in the database:
 
@@ -7,24 +7,31 @@ For each experiment in the database:
   *panel* (the other categorical axes: norm, dataset, model, ...) and the numeric *x axis* (the varied numeric
   grid key: k, eps, data.margin, kappa ...); seeds are aggregated: mean ± s.e. = std (ddof 1) / √n;
 - a table per panel and, when there is a numeric axis, a figure "error vs x" (standard, robust, certified error,
-  unstable ReLUs) and the certified-minus-AT gap with its trend;
+  unstable ReLUs; the error panels share one y range starting at 0) and the certified-minus-AT gap with its trend;
+- lines of different methods get different markers and line styles and a small horizontal offset, and a panel
+  names the methods whose lines coincide, so a legend entry never hides behind another line;
 - a per-relaxation table when several relaxations were trained;
 - trade-off curves clean accuracy vs ACR (as % of ε) when ACR was measured;
-- unstable ReLUs over training (from each cell's per-epoch history) when recorded.
+- unstable ReLUs over training (from each cell's per-epoch history) when recorded;
+- before the experiments: the side-by-side comparison ``certlab demo`` stores in ``DIR/compare.json``, when present.
+
+"Unstable ReLUs" is a count per sample: the ReLUs whose IBP pre-activation interval crosses zero (l < 0 < u),
+summed over layers, averaged over the evaluated samples.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 import re
 import statistics
-import tempfile
 import time
 
 from certlab.errors import CertlabError
 from certlab.experiments.store import Store
+from certlab.fileio import mkstemp
 
 RELAX_NAMES = {"ibp": "IBP", "hbox": "hBox", "deepz": "DeepZ", "fastlin": "Fast-Lin", "crown": "CROWN",
                "crown-ibp": "CROWN-IBP", "alpha-crown": "α-CROWN"}
@@ -34,6 +41,8 @@ AXIS_LABELS = {"k": "k (number of segments)", "eps": "ε", "data.margin": "margi
                "kappa_start": "κ", "seed": "seed"}
 MAIN_METRICS = (("clean_error", "standard error"), ("robust_error", "robust error"),
                 ("certified_error.train", "certified error"), ("unstable_relus", "unstable ReLUs"))
+UNSTABLE_UNIT = "unstable ReLUs (mean count per sample)"
+STYLES = (("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-."), ("*", ":"))
 _DIAG = re.compile(r"^diag\.own\.")  # relaxation diagnostics of the training relaxation (run_cell_diagnostics)
 
 
@@ -146,7 +155,7 @@ def _plt():
 
 def _save(fig, path):
     folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    fd, tmp = mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
@@ -156,25 +165,74 @@ def _save(fig, path):
             os.unlink(tmp)
 
 
+def _style(j) -> dict:
+    marker, ls = STYLES[j % len(STYLES)]
+    return {"marker": marker, "linestyle": ls, "markersize": 6 - 0.6 * (j % 3)}
+
+
+def coincident(series: dict, tol: float = 1e-9) -> list:
+    """[(method, method it coincides with)] for series {method: [(x, y), ...]} equal point for point (within
+    ``tol``) to an earlier one."""
+    out, seen = [], []
+    for m, pts in series.items():
+        for other, ref in seen:
+            if len(ref) == len(pts) and all(a[0] == b[0] and abs(a[1] - b[1]) <= tol * max(1.0, abs(b[1]))
+                                            for a, b in zip(pts, ref)):
+                out.append((m, other))
+                break
+        else:
+            seen.append((m, pts))
+    return out
+
+
+def _note_coincident(ax, series, title):
+    """``title``, plus a second line naming the methods whose lines lie on top of another's."""
+    same = coincident(series)
+    note = "; ".join(f"{a} = {b}" for a, b in same)
+    ax.set_title(f"{title}\n(same values: {note})" if note else title, fontsize=10 if note else None)
+
+
+def _integer_ticks(ax, values):
+    if values and all(float(v).is_integer() for v in values if _is_number(v)):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def figure_vs_x(agg, panel, x, metrics, path, title):
+    """One panel per metric; the error panels share one y range from 0, the unstable-ReLU panel starts at 0, so a
+    small wobble does not read as a trend. Methods are offset by a small fraction of the x range (dodged)."""
     plt = _plt()
     methods = _order({k[1] for k in agg if k[0] == panel})
+    xs_all = [k[2] for k in agg if k[0] == panel and _is_number(k[2])]
+    span = (max(xs_all) - min(xs_all)) if xs_all else 0.0
+    dodge = 0.02 * span if span > 0 else 0.0
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    top = {"error": 0.0, "unstable": 0.0}
     for ax, (key, label) in zip(axes[0], metrics):
-        for mth in methods:
+        kind = "unstable" if key == "unstable_relus" else "error"
+        series = {}
+        for j, mth in enumerate(methods):
             pts = sorted((k[2], v[key]) for k, v in agg.items() if k[0] == panel and k[1] == mth
                          and v.get(key, (None,))[0] is not None)
             if not pts:
                 continue
-            xs = [p[0] for p in pts]
-            scale = 1.0 if key == "unstable_relus" else 100.0
+            scale = 1.0 if kind == "unstable" else 100.0
             ys = [p[1][0] * scale for p in pts]
             es = [(p[1][1] or 0.0) * scale for p in pts]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=mth)
+            series[mth] = [(p[0], y) for p, y in zip(pts, ys)]
+            off = (j - (len(methods) - 1) / 2) * dodge
+            xs = [p[0] + off if _is_number(p[0]) else p[0] for p in pts]
+            ax.errorbar(xs, ys, yerr=es, capsize=3, label=mth, **_style(j))
+            top[kind] = max(top[kind], max(y + e for y, e in zip(ys, es)))
+        _note_coincident(ax, series, label)
+        _integer_ticks(ax, xs_all)
         ax.set_xlabel(AXIS_LABELS.get(x, x))
-        ax.set_ylabel(label + ("" if key == "unstable_relus" else " (%)"))
-        ax.set_title(label)
+        ax.set_ylabel(UNSTABLE_UNIT if kind == "unstable" else label + " (%)")
         ax.grid(alpha=0.3)
+    for ax, (key, _) in zip(axes[0], metrics):  # one y range per quantity
+        kind = "unstable" if key == "unstable_relus" else "error"
+        ax.set_ylim(0.0, max(top[kind] * 1.08, 1.0))
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -186,7 +244,7 @@ def figure_tradeoff(agg, panel, path, title):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.8))
     drawn = False
-    for mth in _order({k[1] for k in agg if k[0] == panel}):
+    for j, mth in enumerate(_order({k[1] for k in agg if k[0] == panel})):
         pts = []
         for k, v in agg.items():
             if k[0] != panel or k[1] != mth:
@@ -197,7 +255,7 @@ def figure_tradeoff(agg, panel, path, title):
         if not pts:
             continue
         pts.sort(key=lambda p: (p[2] is None, p[2] if p[2] is not None else p[0]))  # along the swept value
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mth)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=mth, **_style(j))
         for p in pts:
             if p[2] is not None:
                 ax.annotate(f"{p[2]:g}", (p[0], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -227,8 +285,9 @@ def figure_unstable(cells, panel, panels, x, path, title):
     plt = _plt()
     mine = [c for c in cells if tuple((p, c["params"].get(p)) for p in panels) == panel]
     xs = sorted({c["params"].get(x) for c in mine}) if x else [None]  # this panel's values only
-    fig, axes = plt.subplots(1, len(xs), figsize=(3.6 * len(xs), 3.2), squeeze=False)
-    drawn = False
+    fig, axes = plt.subplots(1, len(xs), figsize=(3.6 * len(xs), 3.2), squeeze=False, sharey=True)
+    drawn, top = False, 0.0
+    order = _order({method_label(c["config"]) for c in mine})  # one style per method across the subplots
     for ax, xv in zip(axes[0], xs):
         series = {}
         for c in cells:
@@ -241,14 +300,20 @@ def figure_unstable(cells, panel, panels, x, path, title):
                 if _is_number(row.get(key)):
                     ep = row.get("epoch", len(series))
                     series.setdefault(method_label(c["config"]), {}).setdefault(ep, []).append(row[key])
+        lines = {}
         for mth in _order(series):
             eps = sorted(series[mth])
-            ax.plot(eps, [statistics.fmean(series[mth][e]) for e in eps], label=mth)
+            ys = [statistics.fmean(series[mth][e]) for e in eps]
+            lines[mth] = list(zip(eps, ys))
+            ax.plot(eps, ys, label=mth, markevery=max(1, len(eps) // 8), **_style(order.index(mth)))
+            top = max(top, max(ys))
             drawn = True
-        ax.set_title(f"{AXIS_LABELS.get(x, x)} = {xv}" if x else "")
+        _note_coincident(ax, lines, f"{AXIS_LABELS.get(x, x)} = {xv}" if x else "")
+        _integer_ticks(ax, [e for pts in lines.values() for e, _ in pts])
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("unstable ReLUs / sample")
+    axes[0][0].set_ylabel(UNSTABLE_UNIT)
+    axes[0][0].set_ylim(0.0, max(top * 1.1, 1.0))  # shared by the subplots
     if drawn:
         labelled = [a for a in axes.flat if a.get_legend_handles_labels()[0]]  # a subplot may have no history
         labelled[0].legend(fontsize=7)
@@ -277,10 +342,10 @@ def gap_rows(agg, panel, key) -> list:
     return rows
 
 
-def trend_sentence(rows, what, x, tol=0.005) -> str:
-    """One clause per certified method: at how many x it is above AT, the gap at the smallest and largest x (named,
-    so "grows" reads the right way round whichever end of the axis is the hard one) and whether it grows (by more
-    than ``tol``, i.e. 0.5 points), shrinks or stays flat as x increases."""
+def trend_sentence(rows, what, x, tol=0.005, short=None) -> str:
+    """Plain sentences on the gap (certified-training error − AT error, in points) per certified method: at how many
+    values of x it is above AT, the gap at the smallest and the largest x, and whether it rises or falls between them
+    by more than ``tol`` (0.5 points) or shows no trend; with three or more values, at how many steps it rose."""
     by_m = {}
     for xv, mth, g, _ in rows:
         by_m.setdefault(mth, []).append((xv, g))
@@ -290,13 +355,24 @@ def trend_sentence(rows, what, x, tol=0.005) -> str:
         if len(pts) < 2:
             continue
         above = sum(g > 0 for _, g in pts)
-        ups = sum(b[1] - a[1] > tol / 5 for a, b in zip(pts, pts[1:]))
         change = pts[-1][1] - pts[0][1]
-        trend = "grows" if change > tol else "shrinks" if change < -tol else "flat"
-        parts.append(f"{mth}: above AT at {above}/{len(pts)} values of {x}; gap {pts[0][1] * 100:+.1f} → "
-                     f"{pts[-1][1] * 100:+.1f} points as {x} goes {_num(pts[0][0])} → {_num(pts[-1][0])} ({trend}; "
-                     f"{ups}/{len(pts) - 1} steps up)")
-    return f"{what} gap (certified − AT): " + "; ".join(parts) + "." if parts else ""
+        if change > tol:
+            trend = f"a rise of {change * 100:.1f} points"
+        elif change < -tol:
+            trend = f"a fall of {-change * 100:.1f} points"
+        else:
+            trend = f"no trend (the change is within ±{tol * 100:.1f} points)"
+        if len(pts) > 2:
+            ups = sum(b[1] - a[1] > tol / 5 for a, b in zip(pts, pts[1:]))
+            trend += f"; it rose at {ups} of the {len(pts) - 1} steps between neighbouring values"
+        at = short or x
+        parts.append(f"{mth} has the higher {what.lower()} at {above} of {len(pts)} values of {x}; the gap goes from "
+                     f"{pts[0][1] * 100:+.1f} points at {at} = {_num(pts[0][0])} to {pts[-1][1] * 100:+.1f} points at "
+                     f"{at} = {_num(pts[-1][0])}: {trend}.")
+    if not parts:
+        return ""
+    return (f"{what}, certified training minus AT (gap in percentage points; positive: certified training has the "
+            f"higher error). " + " ".join(parts))
 
 
 def _num(v) -> str:
@@ -377,13 +453,55 @@ class Doc:
 
 
 def _write_text(path, text):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fd, tmp = mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 # ---- the report -------------------------------------------------------------------------------------------
+COMPARE_FILE = "compare.json"  # written by ``certlab demo`` (certlab.demo) into the sweep folder
+RECIPE_NAMES = {"standard": "standard", "pgd": "PGD (AT)", "ibp": "IBP (certified)",
+                "crown-ibp": "CROWN-IBP (certified)"}
+
+
+def read_compare(sweep_dir) -> dict:
+    """{dataset: [evaluation rows]} from ``sweep_dir/compare.json`` ({} when absent or unreadable)."""
+    try:
+        with open(os.path.join(sweep_dir, COMPARE_FILE), encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(d, dict):
+        return {}
+    return {ds: v["rows"] for ds, v in d.items() if isinstance(v, dict) and isinstance(v.get("rows"), list)
+            and all(isinstance(r, dict) for r in v["rows"]) and v["rows"]}
+
+
+def _compare_section(doc, compare):
+    doc.h(2, "Standard vs PGD vs IBP training on built-in data")
+    doc.p("The first part of certlab demo: one small model per training method on each dataset, each evaluated on "
+          "its test set (errors in %). Robust error: the evaluation attack (APGD-CE for the balls, the exact line "
+          "search for segment sets), a lower bound on the true robust error; certified error: an upper bound on it, "
+          "by each relaxation named.")
+    for ds, rows in compare.items():
+        methods = []
+        for r in rows:
+            methods += [m for m in (r.get("certified_error") or {}) if m not in methods]
+        r0 = rows[0]
+        doc.h(3, f"{ds} ({r0.get('norm', '')} ε = {_num(r0.get('eps'))}, {r0.get('model', '')}, "
+                 f"{r0.get('n', '?')} test samples)")
+        pct = lambda v: "—" if not _is_number(v) else f"{100 * v:.1f}"  # noqa: E731
+        doc.table(["training", "standard err %", "robust err %"] +
+                  [f"certified err % ({RELAX_NAMES.get(m, m)})" for m in methods] + ["unstable ReLUs / sample"],
+                  [[RECIPE_NAMES.get(r.get("name"), str(r.get("name"))), pct(r.get("clean_error")),
+                    pct(r.get("robust_error"))] + [pct((r.get("certified_error") or {}).get(m)) for m in methods] +
+                   ["—" if not _is_number(r.get("unstable_relus")) else f"{r['unstable_relus']:.1f}"] for r in rows])
+
 def _experiment_section(doc, exp, cells_all, fig_dir, rel):
     name, spec = exp["name"], exp["spec"]
     doc.h(2, f"Experiment {name}")
@@ -412,17 +530,22 @@ def _experiment_section(doc, exp, cells_all, fig_dir, rel):
         if pname:
             doc.h(3, pname)
         xs = sorted({k[2] for k in agg if k[0] == panel}, key=lambda v: (v is None, v))
-        header = ([AXIS_LABELS.get(x, x)] if x else []) + ["method", "seeds", "standard err %", "robust err %",
-                                                             "certified err % (train relax.)", "ACR % of ε",
-                                                             "unstable ReLUs"]
+        has_acr = any(v.get("acr.train", (None,))[0] is not None for k, v in agg.items() if k[0] == panel)
+        header = ([AXIS_LABELS.get(x, x)] if x else []) + \
+            ["method", "seeds", "standard err %", "robust err %", "certified err % (train relax.)"] + \
+            (["ACR % of ε"] if has_acr else []) + ["unstable ReLUs / sample"]
         rows = []
         for xv in xs:
             for mth in _order({k[1] for k in agg if k[0] == panel and k[2] == xv}):
                 v = agg[(panel, mth, xv)]
                 rows.append(([xv] if x else []) + [mth, len(v["_seeds"]), fmt(v.get("clean_error")),
-                                                   fmt(v.get("robust_error")), fmt(v.get("certified_error.train")),
-                                                   fmt(v.get("acr.train")), fmt(v.get("unstable_relus"), False)])
+                                                   fmt(v.get("robust_error")), fmt(v.get("certified_error.train"))] +
+                            ([fmt(v.get("acr.train"))] if has_acr else []) +
+                            [fmt(v.get("unstable_relus"), False)])
         doc.table(header, rows)
+        if not has_acr:
+            doc.p("No ACR column: these cells did not measure the average certified radius (set eval_acr: true in "
+                  "the experiment's base config to add it).")
         slug = _slug(f"{name}-{pname}")
         full = f"{name} {pname}".strip()
         if x and len(xs) > 1:
@@ -430,10 +553,10 @@ def _experiment_section(doc, exp, cells_all, fig_dir, rel):
             figure_vs_x(agg, panel, x, MAIN_METRICS, os.path.join(fig_dir, fname),
                         f"{full}: error vs {AXIS_LABELS.get(x, x)}")
             doc.img(f"{rel}/{fname}", f"error vs {AXIS_LABELS.get(x, x)} ({full}); mean ± s.e. over seeds")
-            for key, what in (("clean_error", "Standard-error"), ("robust_error", "Robust-error")):
+            for key, what in (("clean_error", "Standard error"), ("robust_error", "Robust error")):
                 rows_g = gap_rows(agg, panel, key)
                 if rows_g:
-                    s = trend_sentence(rows_g, what, AXIS_LABELS.get(x, x))
+                    s = trend_sentence(rows_g, what, AXIS_LABELS.get(x, x), short=x)
                     if s:
                         doc.p(s)
         note = identical_note(agg, panel, x)
@@ -447,7 +570,7 @@ def _experiment_section(doc, exp, cells_all, fig_dir, rel):
         fname = f"{slug}-unstable.png"
         if figure_unstable(cells, panel, panels, x, os.path.join(fig_dir, fname),
                            f"{full}: unstable ReLUs over training"):
-            doc.img(f"{rel}/{fname}", f"unstable ReLUs per sample over training ({full})")
+            doc.img(f"{rel}/{fname}", f"unstable ReLUs per sample over training, on the validation samples ({full})")
 
 
 def _relaxation_table(doc, agg, panel, xs, x):
@@ -479,7 +602,8 @@ def _relaxation_table(doc, agg, panel, xs, x):
 
 def write_report(sweep_dir, out_dir=None) -> str:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` for the sweep in ``sweep_dir`` into ``out_dir``
-    (default ``sweep_dir/report``); returns the path of report.md. Reads only the database."""
+    (default ``sweep_dir/report``); returns the path of report.md. Reads only the database and, when ``certlab demo``
+    left one there, ``sweep_dir/compare.json``."""
     sweep_dir = os.fspath(sweep_dir)
     out_dir = os.fspath(out_dir) if out_dir else os.path.join(sweep_dir, "report")
     with Store(sweep_dir, readonly=True) as st:
@@ -497,6 +621,9 @@ def write_report(sweep_dir, out_dir=None) -> str:
           f"Robust error: the attack ensemble of the cell's evaluation (exact line search for segment sets, "
           f"APGD for balls); certified error with the training relaxation unless stated (for AT / standard rows: "
           f"the relaxation named in the cell's config, CROWN in the shipped study files).")
+    compare = read_compare(sweep_dir)
+    if compare:
+        _compare_section(doc, compare)
     for exp, cells in per_exp:
         _experiment_section(doc, exp, cells, fig_dir, "figures")
     md = os.path.join(out_dir, "report.md")

@@ -1,8 +1,8 @@
 """Run a sweep: expand an experiment, record its cells, run the missing ones, record results.
 
 - The sweep directory ``DIR`` holds ``results.sqlite`` (see :mod:`certlab.experiments.store`), one run folder
-  per cell ``DIR/runs/<cell id>/`` and ``.sweep.lock``: one sweep per directory at a time (``flock``; the OS
-  drops the lock when the sweep dies however it dies).
+  per cell ``DIR/runs/<cell id>/`` and, while a sweep runs, ``.sweep.lock``: one sweep per directory at a time
+  (``flock``; the OS drops the lock when the sweep dies however it dies; a sweep that ends removes the file).
 - Only this process writes the database. Cells run in worker processes (``--launcher local``: one
   subprocess per cell, at most ``jobs`` at once, each killed with the sweep via ``PR_SET_PDEATHSIG`` on Linux;
   ``--launcher ray``: Ray tasks). A worker writes ``cell_result.json`` in its run folder; the sweep records it.
@@ -28,35 +28,68 @@ from certlab.errors import CertlabError
 from certlab.experiments import grid as gridmod
 from certlab.experiments.store import Store, db_path
 from certlab.experiments.worker import RESULT_NAME, read_result, write_json_atomic
+from certlab.progress import clock
+from certlab.progress import interval as progress_interval
 
 LAUNCHERS = ("local", "ray")
 LOCK_NAME = ".sweep.lock"
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 
+_last_line = [0.0]  # when _log last printed (time.monotonic)
+
+
 def _log(progress, msg):
     if progress:
         print(msg, flush=True)
+        _last_line[0] = time.monotonic()
+
+
+def _status(progress, t0, total, done, running):
+    """While cells run and nothing else was printed for a progress interval: one line with the counts, the elapsed
+    time and an estimate of the time left (from the mean time of the cells finished so far)."""
+    if not progress or time.monotonic() - _last_line[0] < progress_interval():
+        return
+    el = time.monotonic() - t0
+    eta = clock(el / done * (total - done)) if done else "?"
+    _log(progress, f"  sweep: {done}/{total} cells done, {running} running, elapsed {clock(el)}, ETA {eta}")
 
 
 class _DirLock:
+    """``flock`` on ``DIR/.sweep.lock``; the file is removed when the sweep ends. A sweep that locked a file another
+    one removed meanwhile (it waited on the old file) locks the new file instead, so two sweeps never both hold
+    one."""
+
     def __init__(self, directory):
         self.path = os.path.join(directory, LOCK_NAME)
         self.fd = None
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise CertlabError(f"another certlab sweep is running in {os.path.dirname(self.path)} "
-                               f"(lock {self.path})") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise CertlabError(f"another certlab sweep is running in {os.path.dirname(self.path)} "
+                                   f"(lock {self.path})") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was removed by the sweep that held it: lock the current one
+        self.fd = fd
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
         return self
 
     def __exit__(self, *exc):
+        try:
+            os.unlink(self.path)  # while still locked: no other sweep holds this file
+        except FileNotFoundError:
+            pass
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
@@ -207,6 +240,7 @@ def _run_local(store, jobs_list, jobs, threads, progress) -> dict:
     queue = list(jobs_list)
     running = {}  # cell id -> (Popen, job, t0, log file)
     done = failed = 0
+    t_start = time.monotonic()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     try:
         while queue or running:
@@ -226,6 +260,7 @@ def _run_local(store, jobs_list, jobs, threads, progress) -> dict:
                 running[job["cell_id"]] = (proc, job, time.time(), log)
                 _log(progress, f"  started {job['cell_id']} ({_describe(job['params'])})")
             time.sleep(0.05)
+            _status(progress, t_start, len(jobs_list), done + failed, len(running))
             for cid in list(running):
                 proc, job, t0, log = running[cid]
                 rc = proc.poll()
@@ -283,6 +318,7 @@ def _run_ray(ray, address, store, jobs_list, jobs, threads, progress) -> dict:
         ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     remote = ray.remote(num_cpus=threads, max_retries=0)(_ray_execute)
     queue, inflight, done, failed = list(jobs_list), {}, 0, 0
+    t_start = time.monotonic()
     try:
         while queue or inflight:
             while queue and len(inflight) < jobs:
@@ -290,7 +326,8 @@ def _run_ray(ray, address, store, jobs_list, jobs, threads, progress) -> dict:
                 store.claim(job["cell_id"])
                 inflight[remote.remote(job)] = (job, time.time())
                 _log(progress, f"  submitted {job['cell_id']} ({_describe(job['params'])}) to Ray")
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress_interval())
+            _status(progress, t_start, len(jobs_list), done + failed, len(inflight))
             for ref in ready:
                 job, t0 = inflight.pop(ref)
                 try:

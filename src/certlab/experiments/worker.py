@@ -16,7 +16,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import traceback
 
 RESULT_NAME = "cell_result.json"
@@ -33,8 +32,10 @@ def resolve(cell_fn: str):
 
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON to a temp file in the same folder, fsync, then ``os.replace``."""
+    from certlab.fileio import mkstemp  # standard library only; a readable file, unlike tempfile.mkstemp's 0600
+
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    fd, tmp = mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, sort_keys=True, default=_jsonable)

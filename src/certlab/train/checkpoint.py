@@ -47,8 +47,9 @@ def load(path, map_location="cpu") -> dict:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, TypeError, IndexError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or foreign file): {msg[:160]}") from None
+        # torch's own text is many lines long and names its internals: the kind of failure is enough here
+        raise CheckpointError(f"{path} is not a readable checkpoint: the file is corrupt, truncated or not a "
+                              f"certlab checkpoint (torch.load raised {type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a certlab checkpoint (no '{FORMAT}' format tag)")
     missing = [k for k in REQUIRED if k not in obj]

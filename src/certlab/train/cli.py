@@ -19,17 +19,60 @@ from certlab.train.config import TrainConfig, read_yaml
 HELP = {
     "dataset": "dataset name (spheres, linsep, mnist, fashion-mnist, cifar10, svhn, digits)",
     "data": "dataset parameters, e.g. d=10,n=500,margin=0.3",
-    "root": "folder holding the dataset files",
+    "root": "folder holding the dataset files (none: $CERTLAB_DATA, else a user cache folder)",
     "model": "model zoo name (mlp, fc5, conv, convplus, wong-small, ...)",
     "model_params": "model parameters, e.g. hidden=[200,100]",
+    "normalize": "put the dataset's mean/std normalisation into the model as its first layer",
     "objective": "standard | pgd | trades | certified | adaptive",
-    "relaxation": "bound method for certified/adaptive training",
-    "norm": "linf | l2 | segments",
-    "eps": "training radius",
-    "eval_eps": "radius of the evaluation (default: eps)",
+    "relaxation": "bound method for certified/adaptive training (ibp, hbox, deepz, fastlin, crown, crown-ibp, "
+                  "alpha-crown)",
+    "norm": "threat set: linf or l2 ball, or segments (a union of k segments per sample)",
+    "eps": "training radius: the value the eps schedule ramps up to",
+    "k": "segments: number of segments per sample",
+    "segment_dirs": "segments: along the dataset's signal directions (signal) or k seeded random ones (random)",
+    "epochs": "epochs to train (with --resume, a larger value extends the run)",
+    "batch_size": "samples per optimiser step",
+    "lr": "learning rate (the peak with lr_schedule onecycle)",
+    "optimizer": "adam | sgd",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay of the optimiser",
+    "lr_schedule": "none | step (x lr_gamma every lr_milestones[0] epochs) | multistep (x lr_gamma at each "
+                   "milestone) | onecycle",
+    "lr_milestones": "epochs of the step / multistep LR schedules, e.g. 50,75",
+    "lr_gamma": "LR factor applied at each milestone",
+    "eps_schedule": "shape of the eps ramp: linear | smoothed (slow start, Shi et al. 2021)",
+    "eps_start_epoch": "epoch at which the eps ramp starts (eps = 0 before it)",
+    "eps_ramp_epochs": "epochs over which eps, kappa and beta go from their start to their end value",
+    "kappa_start": "weight of the clean loss in kappa*clean + (1-kappa)*robust loss, at the start of the ramp",
+    "kappa_end": "weight of the clean loss at the end of the ramp",
+    "beta_start": "crown-ibp: weight of the CROWN back-substitution (vs plain IBP) at the start of the ramp",
+    "beta_end": "crown-ibp: weight of the CROWN back-substitution at the end of the ramp",
+    "attack": "attack of adversarial (pgd/trades) training, e.g. pgd, apgd-ce; segment for segment sets",
+    "attack_steps": "steps of the training attack",
+    "attack_restarts": "random restarts of the training attack",
+    "attack_step": "pgd step size as a multiple of eps (none: 2.5/attack_steps)",
+    "trades_beta": "trades: weight of the KL term",
+    "fast_ibp_reg": "add the Fast-IBP warm-up regularisers (Shi et al. 2021) while eps ramps up",
+    "reg_weight": "weight of the Fast-IBP regularisers",
+    "ibp_init": "Fast-IBP weight initialisation (Shi et al. 2021)",
+    "grad_clip": "clip the gradient norm to this value (none: no clipping)",
+    "seed": "seed of the data order, initialisation, attacks and generated datasets",
+    "device": "cpu | cuda",
+    "eval_eps": "radius of per-epoch validation and of the final evaluation (none: eps)",
+    "eval_certify": "relaxations of the final evaluation, e.g. ibp,crown",
+    "eval_attacks": "attacks of the final evaluation, e.g. apgd-ce,apgd-t",
+    "eval_restarts": "random restarts of each final-evaluation attack",
+    "eval_n": "final evaluation on the first N test samples only (none: all)",
+    "eval_acr": "the final evaluation also computes the average certified radius (slow)",
     "val_n": "test samples for per-epoch validation and the choice of best.pt when val_split is 0",
     "val_split": "training samples held out (not trained on) for per-epoch validation and best.pt; 0: val_n test samples",
 }
+
+RESUME_HELP = ("continue the run in --out from its last completed epoch, with the configuration stored in the run "
+               "(no other option needed). Options given with --resume must agree with the stored run, except "
+               "--epochs (a larger value extends the run, not with lr_schedule onecycle), --device, --root and the "
+               "final-evaluation options --eval-certify, --eval-attacks, --eval-restarts, --eval-n, --eval-acr. "
+               "Without a checkpoint in --out the run starts from scratch")
 
 
 def _scalar(text: str):
@@ -100,25 +143,38 @@ def _converter(f: dataclasses.Field):
     return _optional(parse) if optional else parse
 
 
+def _show(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) if v else "empty"
+    if isinstance(v, dict):
+        return ",".join(f"{k}={x}" for k, x in v.items()) if v else "empty"
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model (standard, adversarial or certified)",
                               description="Train a model; every option can also come from --config FILE.yaml.")
     p.add_argument("--config", help="YAML file with option: value defaults (command-line options override it)")
     p.add_argument("--out", required=True, help="run directory (config.yaml, metrics.jsonl, last.pt, best.pt, ...)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars / epoch lines")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (by default a bar on a terminal, else a log line every 10 s, and one "
+                        "line per epoch, on stderr)")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = HELP.get(f.name, f.name.replace("_", " "))
+        if "none:" not in text:  # a None default is explained in the text itself
+            text += f" (default: {_show(default)})"
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(f), default=argparse.SUPPRESS,
-                       metavar=f.name.upper(), help=f"{HELP.get(f.name, f.name)} (default: {default})")
+                       metavar=f.name.upper(), help=text.replace("%", "%%"))
     p.set_defaults(func=_train_cmd)
 
     e = subparsers.add_parser("evaluate", help="evaluate a trained run: clean / robust / certified error",
                               description="Evaluate RUN_DIR's model on its test set; writes RUN_DIR/eval.json.")
-    e.add_argument("run_dir")
-    e.add_argument("--norm", choices=("linf", "l2", "segments"))
-    e.add_argument("--eps", type=float)
+    e.add_argument("run_dir", help="run directory written by certlab train")
+    e.add_argument("--norm", choices=("linf", "l2", "segments"), help="threat set (default: the run's norm)")
+    e.add_argument("--eps", type=float, help="radius (default: the run's eval_eps, else its eps)")
     e.add_argument("--certify", type=lambda s: [m for m in s.split(",") if m], help="e.g. ibp,crown ('none' for no certification)")
     e.add_argument("--attack", dest="attacks", type=lambda s: [m for m in s.split(",") if m],
                    help="e.g. apgd-ce,apgd-t ('none' for no attack)")
@@ -127,18 +183,49 @@ def register(subparsers) -> None:
     e.add_argument("--acr", action="store_true", default=None, help="also compute the average certified radius")
     e.add_argument("--which", choices=("best", "last"), default="last",
                    help="checkpoint: last (default) or best (see certlab certify --help)")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--device", choices=("cpu", "cuda"))
+    e.add_argument("--batch-size", type=int, default=256, help="samples per batch (default 256)")
+    e.add_argument("--device", choices=("cpu", "cuda"), help="default: the run's device")
     e.add_argument("--output", "-o", help="where to write the JSON result (default: RUN_DIR/eval.json)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true",
+                   help="no progress output (by default a bar on a terminal, else a log line every 10 s)")
     e.set_defaults(func=_evaluate_cmd)
 
 
 def config_from_args(args) -> TrainConfig:
+    """Defaults < --config FILE < options; with --resume and a checkpoint in --out: the run's stored config, with
+    the given options (and --config file) checked against it (see RESUME_HELP)."""
     d = read_yaml(args.config) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     d.update({k: v for k, v in vars(args).items() if k in names})
+    if getattr(args, "resume", False):
+        stored = stored_config(args.out)
+        if stored is not None:
+            return resume_config(stored, d, args.out)
     return TrainConfig.from_dict(d)
+
+
+def stored_config(run_dir) -> dict | None:
+    """The config of the run in ``run_dir`` (from its last.pt), or None when it holds no checkpoint yet."""
+    from certlab.train import checkpoint as ckpt
+
+    last = os.path.join(os.fspath(run_dir), "last.pt")
+    return dict(ckpt.load(last)["config"]) if os.path.exists(last) else None
+
+
+def resume_config(stored: dict, given: dict, run_dir) -> TrainConfig:
+    """The stored config updated by ``given``; a given value that differs from the stored one in a field a resumed
+    run may not change raises one CertlabError naming every such option."""
+    from certlab.train.loop import RESUME_MUTABLE
+
+    base = TrainConfig.from_dict(stored)
+    merged = TrainConfig.from_dict({**base.to_dict(), **given})
+    old, new = base.to_dict(), merged.to_dict()
+    bad = [k for k in given if k not in RESUME_MUTABLE and new[k] != old[k]]
+    if bad:
+        what = "; ".join(f"--{k.replace('_', '-')} {_show(new[k])} (stored: {_show(old[k])})" for k in bad)
+        raise CertlabError(f"--resume continues {run_dir} with its stored configuration, which these options "
+                           f"contradict: {what}; drop them, or train into a new --out")
+    return merged
 
 
 def _train_cmd(args) -> int:

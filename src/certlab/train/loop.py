@@ -17,6 +17,7 @@ are optimistic, so the final evaluation (``eval.json``) and the commands default
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,8 @@ from certlab import models
 from certlab.bounds import certify as _certify
 from certlab.bounds.engine import relu_bounds
 from certlab.errors import CertlabError
+from certlab.progress import bar as progress_bar
+from certlab.progress import clock
 from certlab.train import checkpoint as ckpt
 from certlab.train import schedules
 from certlab.train.config import TrainConfig, atomic_write_text
@@ -57,13 +60,6 @@ def batches(perm: torch.Tensor, batch_size: int) -> list:
     if len(chunks) > 1 and chunks[-1].numel() < 2:
         chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
     return chunks
-
-
-def _bar(total, desc, enabled):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
-                disable=not (enabled and sys.stderr.isatty()))
 
 
 def split_validation(cfg, train_set, test_set):
@@ -114,34 +110,75 @@ def _validate(model, cfg, val, maker, device):
     return clean, float((bad | wrong).float().mean()), unstable
 
 
-def _check_out(out_dir, resume):
+def _check_out(out_dir, resume) -> bool:
+    """Create ``out_dir`` if needed; True when this call created it."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CertlabError(f"output path exists and is not a directory: {out_dir}")
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     last = os.path.join(out_dir, FILES["last"])
     if not resume and (os.path.exists(last) or os.path.exists(os.path.join(out_dir, FILES["summary"]))):
         raise CertlabError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose another output folder")
+    return created
 
 
-def _same_config(stored: dict, cfg: TrainConfig):
+# config fields a resumed run may change: where it runs and reads its data, how long it trains (a longer run
+# continues the same schedules; not with the one-cycle LR schedule, whose length is fixed) and what the final
+# evaluation measures. Every other field shapes the training trajectory or the choice of best.pt.
+RESUME_MUTABLE = ("device", "root", "epochs", "eval_certify", "eval_attacks", "eval_restarts", "eval_n", "eval_acr")
+
+
+def _same_config(stored: dict, cfg: TrainConfig, epochs_done: int = 0):
     a = TrainConfig.from_dict(stored).to_dict()
     b = cfg.to_dict()
-    diff = sorted(k for k in a if k != "device" and a[k] != b[k])
+    diff = sorted(k for k in a if k not in RESUME_MUTABLE and a[k] != b[k])
     if diff:
-        raise CertlabError(f"cannot resume: the config differs from the stored run in {', '.join(diff)}")
+        raise CertlabError(f"cannot resume: the config differs from the stored run in {', '.join(diff)} "
+                           f"(a resumed run may change only {', '.join(RESUME_MUTABLE)})")
+    if b["epochs"] != a["epochs"]:
+        if b["epochs"] < epochs_done:
+            raise CertlabError(f"cannot resume with epochs={b['epochs']}: the run has completed {epochs_done} epochs")
+        if a["lr_schedule"] == "onecycle":
+            raise CertlabError("cannot change epochs on resume with lr_schedule=onecycle (its length is fixed)")
+
+
+def _remove_if_unused(out_dir):
+    """After a failed run in a folder it created: remove what the run wrote before its first checkpoint (the config
+    and an empty metrics file), and the folder once empty. A run with a checkpoint is kept (it can be resumed)."""
+    if os.path.exists(os.path.join(out_dir, FILES["last"])):
+        return
+    for name in (FILES["config"], FILES["metrics"]):
+        p = os.path.join(out_dir, name)
+        if os.path.isfile(p) and (name == FILES["config"] or os.path.getsize(p) == 0):
+            os.remove(p)
+    try:
+        os.rmdir(out_dir)
+    except OSError:  # something else is in it
+        pass
 
 
 def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate: bool = True) -> dict:
     """Train a model as described by ``config`` (a :class:`TrainConfig` or a dict) into ``out_dir``.
 
-    Returns the summary: the last epoch's metrics plus the final evaluation (``eval``) on the test set."""
+    Returns the summary: the last epoch's metrics plus the final evaluation (``eval``) on the test set. A run that
+    fails before its first checkpoint leaves no folder behind (when it created the folder)."""
     cfg = _as_config(config)
     out_dir = os.fspath(out_dir)
-    _check_out(out_dir, resume)
+    created = _check_out(out_dir, resume)
+    try:
+        with contextlib.ExitStack() as bars:  # progress bars are closed however training ends
+            return _train(cfg, out_dir, resume, progress, evaluate, bars)
+    except BaseException:
+        if created:
+            _remove_if_unused(out_dir)
+        raise
+
+
+def _train(cfg, out_dir, resume, progress, evaluate, bars) -> dict:
     path = {k: os.path.join(out_dir, v) for k, v in FILES.items()}
     state = ckpt.load(path["last"]) if resume and os.path.exists(path["last"]) else None
     if state is not None:
-        _same_config(state["config"], cfg)
+        _same_config(state["config"], cfg, int(state["epoch"]))
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -181,13 +218,19 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
                 "rng": ckpt.rng_state(loader_gen), "best": best, "global_step": global_step, "history": history}
 
+    t_run = time.perf_counter()
+
+    def eta(done):  # the remaining epochs at this session's mean epoch time (the final evaluation not counted)
+        return (time.perf_counter() - t_run) / max(done - start, 1) * (cfg.epochs - done)
+
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         chunks = batches(torch.randperm(N, generator=loader_gen).to(device), cfg.batch_size)
         tot = {"loss": 0.0, "correct": 0, "certified": 0, "n": 0}
         has_cert = False
-        bar = _bar(N, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+        bar = bars.enter_context(progress_bar(len(chunks), f"epoch {epoch + 1}/{cfg.epochs}", progress,
+                                              unit="steps"))
         for i, idx in enumerate(chunks):
             t = epoch + i / len(chunks)
             eps_t = schedules.eps_at(cfg, t)
@@ -213,7 +256,7 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
             if "certified" in st:
                 has_cert = True
                 tot["certified"] += st["certified"]
-            bar.update(b)
+            bar.update(1)
             post = {"loss": f"{tot['loss'] / tot['n']:.3f}", "acc": f"{tot['correct'] / tot['n']:.3f}",
                     "eps": f"{eps_t:.3g}"}
             if has_cert:
@@ -242,8 +285,9 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
         if progress:
             rob = "" if val_rob is None else f"  val robust/cert err {val_rob:.4f}"
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  train acc {record['train_acc']:.4f}"
-                  f"  val err {val_clean:.4f}{rob}  eps {record['eps']:.4g}  {record['time_s']:.1f}s",
-                  file=sys.stderr)
+                  f"  val err {val_clean:.4f}{rob}  eps {record['eps']:.4g}  {record['time_s']:.1f}s"
+                  f"  (elapsed {clock(time.perf_counter() - t_run)}, ETA {clock(eta(epoch + 1))})",
+                  file=sys.stderr, flush=True)
     if not os.path.exists(path["best"]) and os.path.exists(path["last"]):
         ckpt.save(path["best"], payload(cfg.epochs))
     summary = {"epochs": cfg.epochs, "last": history[-1] if history else None,

@@ -24,16 +24,23 @@ def _ckpt_path(run_dir, which):
     return p
 
 
-def load_checkpoint_model(state: dict, device="cpu"):
-    """(model in eval mode, TrainConfig) from a loaded checkpoint dict."""
+def load_checkpoint_model(state: dict, device="cpu", path=None):
+    """(model in eval mode, TrainConfig) from a loaded checkpoint dict (read from ``path``, named in errors)."""
+    where = f"checkpoint {path}" if path else "checkpoint"
     try:
         cfg = TrainConfig.from_dict(state["config"])
         model = build_model(state["arch"], dict(state["model_params"]), state["dataset"], bool(state.get("normalize", True)))
         model.load_state_dict(state["model"])
     except CertlabError as e:
-        raise CheckpointError(f"checkpoint is incompatible with this certlab: {e}") from None
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint is incompatible: {str(e).splitlines()[0][:200]}") from None
+        raise CheckpointError(f"{where} is incompatible with this certlab: {e}") from None
+    except KeyError as e:
+        raise CheckpointError(f"{where} is incompatible with this certlab: it lacks the entry {e}") from None
+    except RuntimeError:  # load_state_dict: torch's text lists every key over many lines
+        raise CheckpointError(f"{where} is incompatible with this certlab: its weights do not fit the model it "
+                              "describes (missing, unexpected or differently shaped parameters)") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where} is incompatible with this certlab: it holds an unusable model description "
+                              f"({type(e).__name__})") from None
     return model.to(device).eval(), cfg
 
 
@@ -41,7 +48,8 @@ def load_run(run_dir, which: str = "last", device="cpu"):
     """(model in eval mode, TrainConfig) of the run in ``run_dir``; corrupt/foreign checkpoint → CheckpointError.
     ``which``: "last" (the final epoch) or "best" (selected on validation samples — the first ``val_n`` test samples
     unless the run held out ``val_split`` training samples — so its test numbers are then optimistic)."""
-    return load_checkpoint_model(ckpt.load(_ckpt_path(run_dir, which)), device)
+    p = _ckpt_path(run_dir, which)
+    return load_checkpoint_model(ckpt.load(p), device, p)
 
 
 def evaluate_run(run_dir, norm=None, eps=None, certify=None, attacks=None, n=None, acr=None, which: str = "last",
@@ -55,7 +63,7 @@ def evaluate_run(run_dir, norm=None, eps=None, certify=None, attacks=None, n=Non
 
     p = _ckpt_path(run_dir, which)
     state = ckpt.load(p)
-    model, cfg = load_checkpoint_model(state)
+    model, cfg = load_checkpoint_model(state, path=p)
     dev = resolve_device(device or cfg.device)
     model.to(dev)
     norm = cfg.norm if norm is None else norm

@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
-import tempfile
 
 from certlab.errors import CertlabError
+from certlab.fileio import mkstemp
+
+DIAGNOSE_COLUMNS = """\
+columns (one row per relaxation; means over the --n samples):
+  width        mean width upper - lower of the bounds on the logits (smaller: tighter)
+  LP gap       mean (LP optimum - relaxation's bound) of the margins f_y - f_j on --lp-samples samples, the LP
+               being the triangle relaxation with CROWN intermediate bounds (0: as tight as that LP; - : skipped)
+  certified    share of samples whose every margin lower bound is > 0
+  unstable     mean count per sample of ReLUs whose input bounds (by this relaxation) cross zero, l < 0 < u
+  max slope    largest |change| of the certified loss between neighbours of a --grid scan along a random weight
+               direction, per unit of the step (Jovanovic et al. 2022: large = discontinuous)
+  jump ratio   that largest change over the median one (>> 1: a jump, i.e. a discontinuity)
+  sensitivity  norm of the certified loss's gradient w.r.t. the weights, relative to IBP's"""
 
 WHICH_HELP = ("checkpoint: last (default) or best (selected on validation samples: the first val_n test samples "
               "unless the run held out val_split training samples)")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("certify", help="verify test samples of a trained run (verified/falsified/unknown)")
-    p.add_argument("run_dir")
+    p = subparsers.add_parser("certify", help="verify test samples of a trained run (verified/falsified/unknown)",
+                              description="Verify the first --n test samples of a run with one method and append "
+                                          "one JSON line per sample to the results file; a rerun skips the samples "
+                                          "already there.")
+    p.add_argument("run_dir", help="run directory written by certlab train")
     p.add_argument("--norm", choices=("linf", "l2", "segments"), default=None, help="default: the run's norm")
     p.add_argument("--eps", type=float, default=None, help="radius (default: the run's evaluation eps)")
     p.add_argument("--method", default="crown",
-                   help="bab | milp | lp | ibp | hbox | deepz | fastlin | crown | crown-ibp | alpha-crown")
+                   help="complete: bab | milp | lp (the triangle LP: sound, incomplete); relaxations: ibp | hbox | "
+                        "deepz | fastlin | crown | crown-ibp | alpha-crown (default: crown)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per sample (bab, milp, lp)")
     p.add_argument("--n", type=int, default=None, help="first N test samples (default: all)")
     p.add_argument("--out", default=None, help="JSON-lines output (default: RUN_DIR/certify_<method>_<norm>_<eps>[_float64][_best].jsonl)")
@@ -30,27 +46,36 @@ def register(subparsers) -> None:
                    help="compute in float64 (model and data): certificates with float32 rounding to spare")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where bab and the relaxations run (milp and lp always solve on the CPU)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (by default a bar on a terminal, else a log line every 10 s)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 is much faster on a busy machine)")
     p.set_defaults(func=certify_cmd)
 
-    d = subparsers.add_parser("diagnose", help="tightness, unstable ReLUs, continuity and sensitivity per relaxation")
-    d.add_argument("run_dir")
-    d.add_argument("--relaxations", default="ibp,hbox,crown,deepz,crown-ibp")
-    d.add_argument("--norm", choices=("linf", "l2", "segments"), default=None)
-    d.add_argument("--eps", type=float, default=None)
-    d.add_argument("--n", type=int, default=64, help="test samples")
-    d.add_argument("--lp-samples", type=int, default=4, help="samples for the gap to the LP optimum (0: skip)")
-    d.add_argument("--grid", type=int, default=41, help="points of the continuity scan")
+    d = subparsers.add_parser("diagnose", help="tightness, unstable ReLUs, continuity and sensitivity per relaxation",
+                              description="Compare relaxations on a trained run's model: one row per relaxation, "
+                                          "measured on the first --n test samples.",
+                              epilog=DIAGNOSE_COLUMNS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("run_dir", help="run directory written by certlab train")
+    d.add_argument("--relaxations", default="ibp,hbox,crown,deepz,crown-ibp",
+                   help="comma-separated relaxations to compare (default: ibp,hbox,crown,deepz,crown-ibp)")
+    d.add_argument("--norm", choices=("linf", "l2", "segments"), default=None,
+                   help="threat set (default: the run's norm)")
+    d.add_argument("--eps", type=float, default=None, help="radius (default: the run's evaluation eps)")
+    d.add_argument("--n", type=int, default=64, help="test samples (default 64)")
+    d.add_argument("--lp-samples", type=int, default=4,
+                   help="samples for the gap to the LP optimum (default 4; 0: skip, the slowest part)")
+    d.add_argument("--grid", type=int, default=41, help="points of the continuity scan (default 41)")
     d.add_argument("--which", choices=("best", "last"), default="last", help=WHICH_HELP)
     d.add_argument("--json", default=None, help="also write the rows to this JSON file")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    d.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    d.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the bounds run (default cpu)")
+    d.add_argument("--no-progress", action="store_true",
+                   help="no progress output (by default a line with the elapsed time every 10 s on stderr)")
     d.set_defaults(func=diagnose_cmd)
 
     e = subparsers.add_parser("export", help="write the run's model as ONNX and a sample's property as VNN-LIB")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="run directory written by certlab train")
     e.add_argument("--onnx", default=None, help="output .onnx file")
     e.add_argument("--vnnlib", default=None, help="output .vnnlib file (needs --eps)")
     e.add_argument("--index", type=int, default=0, help="test sample for the VNN-LIB property")
@@ -74,7 +99,7 @@ def load(run_dir, which="last"):
 def atomic_write(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -138,9 +163,9 @@ def set_threads(n) -> None:
 
 
 def _progress(total, desc, enabled):
-    from tqdm import tqdm
+    from certlab.progress import bar
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()))
+    return bar(total, desc, enabled, unit="samples", leave=True)  # tqdm on a terminal, periodic log lines elsewhere
 
 
 # -- certify -----------------------------------------------------------------------------------------------------
@@ -154,14 +179,21 @@ def certify_cmd(args) -> int:
     if method not in COMPLETE:
         from certlab.bounds.api import resolve_method
 
-        method = resolve_method(method)
+        try:
+            method = resolve_method(method)
+        except CertlabError:
+            method = None
     if method not in ALL_METHODS:
-        raise CertlabError(f"unknown method {args.method!r}; choose one of {', '.join(ALL_METHODS)}")
+        import difflib
+
+        near = difflib.get_close_matches(args.method.lower(), ALL_METHODS, n=2)
+        hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+        raise CertlabError(f"unknown method {args.method!r}{hint}; choose one of {', '.join(ALL_METHODS)}")
     for name in ("timeout", "batch", "max_nodes"):
         if not getattr(args, name) > 0:
             raise CertlabError(f"--{name.replace('_', '-')} must be > 0")
-    if args.n is not None and args.n < 0:
-        raise CertlabError("--n must be >= 0")
+    if args.n is not None and args.n < 1:
+        raise CertlabError(f"--n must be a positive integer, got {args.n}")
     set_threads(args.threads)
     model, cfg, test, maker_for = load(args.run_dir, args.which)
     norm = args.norm or cfg.norm
@@ -220,9 +252,13 @@ def diagnose_cmd(args) -> int:
     eps = cfg.final_eval_eps if args.eps is None else args.eps
     maker = maker_for(norm)
     rel = [r.strip() for r in args.relaxations.split(",") if r.strip()]
-    rows = diagnose(model, test, lambda x: maker(x, eps), rel, n=args.n, lp_samples=args.lp_samples,
-                    grid=args.grid)
-    print(format_rows(rows, f"relaxation diagnostics: {norm} eps={eps:g}, {args.n} samples of {args.run_dir}"))
+    from certlab.progress import heartbeat
+
+    with heartbeat(f"diagnose {','.join(rel)}", not args.no_progress):
+        rows = diagnose(model, test, lambda x: maker(x, eps), rel, n=args.n, lp_samples=args.lp_samples,
+                        grid=args.grid)
+    print(format_rows(rows, f"relaxation diagnostics: {norm} eps={eps:g}, {args.n} samples of {args.run_dir} "
+                            "(columns: certlab diagnose --help)"))
     if args.json:
         atomic_write(args.json, json.dumps(rows, indent=2))
     return 0
