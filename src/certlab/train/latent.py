@@ -73,26 +73,25 @@ def search(head, lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor, K: int, st
     t = _targets(y, K)
     B, J = t.shape
     width = hi - lo
-    u = torch.rand((B, J, *lo.shape[2:]), generator=generator, device=lo.device, dtype=lo.dtype)
-    z = lo + u * width
+    z = torch.rand((B, J, *lo.shape[2:]), generator=generator, device=lo.device, dtype=lo.dtype).mul_(width).add_(lo)
     a = max(0.25, 2.0 / steps)
-    best_z, best_m = z.clone(), None
+    best_z = best_m = None
     with eval_mode(head):
         for it in range(steps + 1):
             with torch.enable_grad():
-                zv = z.detach().requires_grad_(it < steps)
+                zv = z.requires_grad_(it < steps)
                 m = _head_margins(head, zv, y, t)
                 g = torch.autograd.grad(m.sum(), zv)[0] if it < steps else None
-            m = m.detach()
+            z, m = z.detach(), m.detach()
             if best_m is None:
-                best_m = m
-            else:
+                best_m, best_z = m, z
+            else:  # the lowest margin seen (the step sizes shrink, so this is mostly the last point)
                 better = m < best_m
                 best_m = torch.where(better, m, best_m)
                 best_z = torch.where(better.view(B, J, *([1] * (z.dim() - 2))), z, best_z)
             if g is not None:
-                alpha = a * (steps - it) / steps
-                z = torch.min(torch.max(z - alpha * width * g.sign(), lo), hi)
+                step = g.sign_().mul_(width).mul_(-a * (steps - it) / steps)
+                z = torch.clamp(z + step, min=lo, max=hi)
     return best_z
 
 
