@@ -313,7 +313,7 @@ def sabr(model, x, y, ctx):
     loss, logits = _mix(model, x, y, ctx, worst_case_ce(m, y), logits if logits is not None else z0)
     reg, rstats = _regularise(model, c, y, ctx, relus, small)
     st = {"correct": _correct(logits, y), **rstats}
-    if c is x and small is threat:  # λ = 1 or ε = 0: the margins are over the whole set, a certificate
+    if ctx.cfg.sabr_lambda >= 1.0:  # the margins are over the whole set: a certificate (a mix of steps would mislead)
         st["certified"] = n_certified(m, y)
     return loss + reg, st
 
@@ -366,7 +366,7 @@ def staps(model, x, y, ctx):
     loss, logits = _mix(model, x, y, ctx, robust, logits if c is x else z0)
     reg, rstats = _regularise(model, c, y, ctx, relus if _wants_reg(ctx) else None, small)
     st = {"correct": _correct(logits, y), **rstats}
-    if c is x and small is threat:
+    if ctx.cfg.sabr_lambda >= 1.0:
         st["certified"] = n_certified(m, y)
     return loss + reg, st
 
