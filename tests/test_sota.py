@@ -53,6 +53,7 @@ def test_config_fields_are_validated():
     cfg = TrainConfig(objective="staps", sabr_lambda=0.3, taps_head=2, taps_grad_scale=5.0, taps_threshold=0.4,
                       taps_ibp_mult=False)
     assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert TrainConfig.from_yaml("objective: cc-ibp\ncert_alpha: 0.2\n").cert_alpha == 0.2  # as in YAML sweeps
     for bad, msg in [({"sabr_lambda": 0.0}, "sabr_lambda must be > 0"), ({"sabr_lambda": 1.5}, "sabr_lambda must lie"),
                      ({"cert_alpha": -0.1}, "cert_alpha must be >= 0"), ({"cert_alpha": 2}, "cert_alpha must lie"),
                      ({"taps_head": -1}, "taps_head must be >= 0"), ({"taps_head": 1.5}, "taps_head must be an int"),
