@@ -166,6 +166,7 @@ class ThreatSet:
     needs_cuts: bool = False  # the LP/MILP encoding is the interval hull, refined by cutting planes (``project``)
     support_by_maps: bool = True  # concretize_rows reads rows only through products with maps shaped like x
     needs_directions: bool = False  # :func:`make` must be given directions
+    recentres: bool = True  # the set of radius r ≤ ε around a projected point of the set stays inside the set
 
     def __init__(self, eps, domain=(0.0, 1.0)):
         self.eps = _check_eps(eps)
@@ -582,6 +583,7 @@ class SegmentUnion(ThreatSet):
     norm = "segments"
     gradient_attacks = False
     needs_directions = True
+    recentres = False  # true of one segment only: k > 1 segments moved off their centre leave the union
 
     def __init__(self, directions: torch.Tensor, eps, domain=None):
         super().__init__(eps, domain)

@@ -1,5 +1,5 @@
-"""Training: standard, adversarial (PGD / APGD / TRADES), certified (any relaxation) and adaptive (ACERT) objectives
-in one loop, with schedules, checkpoints and resumable run directories. See docs/training.md.
+"""Training: standard, adversarial (PGD / APGD / TRADES), certified (any relaxation), adaptive (ACERT), SABR, TAPS,
+STAPS, MTL-IBP, EXP-IBP and CC-IBP objectives in one loop, with schedules, checkpoints and resumable run directories. See docs/training.md.
 
     summary = certlab.train.train(TrainConfig(dataset="spheres", model="mlp", objective="certified"), "runs/x")
     model, cfg = certlab.train.load_run("runs/x")

@@ -23,9 +23,16 @@ HELP = {
     "model": "model zoo name (mlp, fc5, conv, convplus, wong-small, ...)",
     "model_params": "model parameters, e.g. hidden=[200,100]",
     "normalize": "put the dataset's mean/std normalisation into the model as its first layer",
-    "objective": "standard | pgd | trades | certified | adaptive",
-    "relaxation": "bound method for certified/adaptive training (ibp, hbox, deepz, fastlin, crown, crown-ibp, "
-                  "alpha-crown)",
+    "objective": "standard | pgd | trades | certified | adaptive | sabr | taps | staps | mtl-ibp | exp-ibp | cc-ibp "
+                 "(see the list below)",
+    "relaxation": "bound method of the certified part of certified, adaptive and the six objectives below (ibp, hbox, "
+                  "deepz, fastlin, crown, crown-ibp, alpha-crown)",
+    "sabr_lambda": "SABR/STAPS: the small set's radius as a fraction of eps, in (0, 1]; 1 = certified training",
+    "taps_head": "TAPS/STAPS: ReLU layers in the PGD-searched head (0: only the final affine layers = IBP)",
+    "taps_grad_scale": "TAPS/STAPS: gradient scale w of the TAPS factor",
+    "taps_threshold": "TAPS/STAPS: threshold c of the gradient connector, in (0, 1]",
+    "taps_ibp_mult": "TAPS/STAPS: multiply the TAPS loss by the certified loss",
+    "cert_alpha": "MTL-/EXP-/CC-IBP: weight alpha of the certified part, in [0, 1]",
     "norm": "threat set: linf or l2 ball, or segments (a union of k segments per sample)",
     "eps": "training radius: the value the eps schedule ramps up to",
     "k": "segments: number of segments per sample",
@@ -73,6 +80,21 @@ RESUME_HELP = ("continue the run in --out from its last completed epoch, with th
                "--epochs (a larger value extends the run, not with lr_schedule onecycle), --device, --root and the "
                "final-evaluation options --eval-certify, --eval-attacks, --eval-restarts, --eval-n, --eval-acr. "
                "Without a checkpoint in --out the run starts from scratch")
+
+
+OBJECTIVE_HELP = """objectives (--objective; the certified part uses --relaxation, IBP by default; see docs/training.md):
+  standard   cross-entropy on clean inputs
+  pgd        adversarial training on --attack points (Madry et al. 2018)
+  trades     clean CE + beta * KL to the adversarial prediction (Zhang et al. 2019)
+  certified  CE of the worst-case logits from the relaxation's margin bounds over the eps-set
+  adaptive   certified loss at each sample's own certified radius (ACERT)
+  sabr       certified loss over a small set (radius sabr_lambda*eps) around the attack point (Mueller et al. 2023)
+  taps       IBP for the first layers, PGD in their box for the last taps_head ReLU layers (Mao et al. 2023)
+  staps      taps over SABR's small set (Mao et al. 2023)
+  mtl-ibp    alpha * certified loss + (1 - alpha) * adversarial loss (De Palma et al. 2024)
+  exp-ibp    certified loss^alpha * adversarial loss^(1 - alpha) (De Palma et al. 2024)
+  cc-ibp     CE of alpha * margin bounds + (1 - alpha) * adversarial margins (De Palma et al. 2024)
+"""
 
 
 def _scalar(text: str):
@@ -153,7 +175,8 @@ def _show(v) -> str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model (standard, adversarial or certified)",
-                              description="Train a model; every option can also come from --config FILE.yaml.")
+                              description="Train a model; every option can also come from --config FILE.yaml.",
+                              epilog=OBJECTIVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with option: value defaults (command-line options override it)")
     p.add_argument("--out", required=True, help="run directory (config.yaml, metrics.jsonl, last.pt, best.pt, ...)")
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
@@ -231,12 +254,13 @@ def resume_config(stored: dict, given: dict, run_dir) -> TrainConfig:
 def _train_cmd(args) -> int:
     from certlab.evaluation import format_table
     from certlab.train.loop import train
+    from certlab.train.objectives import CERTIFIED
 
     cfg = config_from_args(args)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, evaluate=not args.no_eval)
     last = summary.get("last") or {}
     print(f"trained {cfg.model} on {cfg.dataset} ({cfg.objective}"
-          f"{', ' + cfg.relaxation if cfg.objective in ('certified', 'adaptive') else ''}) for {cfg.epochs} epochs "
+          f"{', ' + cfg.relaxation if cfg.objective in CERTIFIED else ''}) for {cfg.epochs} epochs "
           f"in {summary['train_time_s']:.1f}s; final train loss {last.get('loss', float('nan')):.4f}; run: {args.out}")
     if "eval" in summary:
         print(format_table([{"name": args.out, **summary["eval"]}]))

@@ -15,7 +15,9 @@ import yaml
 
 from certlab.errors import CertlabError
 
-OBJECTIVES = ("standard", "pgd", "trades", "certified", "adaptive")
+OBJECTIVES = ("standard", "pgd", "trades", "certified", "adaptive", "sabr", "taps", "staps", "mtl-ibp", "exp-ibp",
+              "cc-ibp")
+ATTACKING = ("pgd", "trades", "sabr", "staps", "mtl-ibp", "exp-ibp", "cc-ibp")  # objectives that run cfg.attack
 NORMS = ("linf", "l2", "segments")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("none", "step", "multistep", "onecycle")
@@ -69,6 +71,13 @@ class TrainConfig:
     reg_weight: float = 0.5
     ibp_init: bool = False
     grad_clip: float | None = None
+    # state-of-the-art certified training (sabr, taps, staps, mtl-ibp, exp-ibp, cc-ibp); see docs/training.md
+    sabr_lambda: float = 0.4  # radius of SABR's (and STAPS's) small set as a fraction of ε, in (0, 1]
+    taps_head: int = 1  # top-level ReLU layers in the head TAPS searches by PGD (0: the affine layers after the last)
+    taps_grad_scale: float = 4.0  # w: the TAPS factor's gradient is multiplied by w (its value is not)
+    taps_threshold: float = 0.5  # c of the gradient connector, in (0, 1]
+    taps_ibp_mult: bool = True  # multiply the TAPS loss by the certified loss (as the authors do)
+    cert_alpha: float = 0.5  # α of mtl-ibp / exp-ibp / cc-ibp: weight of the certified part, in [0, 1]
     # reproducibility and hardware
     seed: int = 0
     device: str = "cpu"
@@ -186,7 +195,14 @@ class TrainConfig:
             number(name, 0.0)
             if getattr(self, name) > 1:
                 raise CertlabError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
-        for name in ("normalize", "fast_ibp_reg", "ibp_init", "eval_acr"):
+        number("taps_head", 0, integer=True)
+        number("taps_grad_scale", 0.0, strict=True)
+        for name in ("sabr_lambda", "taps_threshold", "cert_alpha"):
+            number(name, 0.0, strict=name != "cert_alpha")
+            if getattr(self, name) > 1:
+                raise CertlabError(f"{name} must lie in {'[0' if name == 'cert_alpha' else '(0'}, 1], "
+                                   f"got {getattr(self, name)!r}")
+        for name in ("normalize", "fast_ibp_reg", "ibp_init", "eval_acr", "taps_ibp_mult"):
             if not isinstance(getattr(self, name), bool):
                 raise CertlabError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.root is not None and not isinstance(self.root, str):
@@ -196,7 +212,7 @@ class TrainConfig:
                 raise CertlabError(f"lr_milestones must be positive integers (epochs), got {self.lr_milestones!r}")
         if self.lr_schedule in ("step", "multistep") and not self.lr_milestones:
             raise CertlabError(f"lr_schedule {self.lr_schedule!r} needs lr_milestones")
-        if self.objective in ("pgd", "trades"):
+        if self.objective in ATTACKING:
             from certlab.attacks import METHODS as ATTACKS
 
             if self.attack not in ATTACKS:
@@ -207,6 +223,9 @@ class TrainConfig:
 
         if self.objective == "trades" and not threat_kind(self.norm).gradient_attacks:
             raise CertlabError(f"objective 'trades' is not available for norm {self.norm!r}; use pgd or certified")
+        if self.objective in ("sabr", "staps") and not threat_kind(self.norm).recentres and self.k > 1:
+            raise CertlabError(f"objective {self.objective!r} needs k=1 on norm {self.norm!r}: a union of k>1 segments "
+                               "moved off its centre leaves the threat set, so there is no small set to propagate")
 
     @property
     def final_eval_eps(self) -> float:

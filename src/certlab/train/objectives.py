@@ -13,6 +13,17 @@ scheduled ε / κ / β of this step, the threat maker and a per-step seed) and `
   warm-up regularisers (see :func:`fast_ibp_regularisers`).
 - adaptive (ACERT, Nurlanov et al.): per-sample radii ε_i = certified radius of (x_i, y_i) in [0, ε_t] found without
   gradient (0 when misclassified); loss = κ · CE(f(x), y) + (1 − κ) · CE(z(ε_i), y) + regularisers.
+
+The state-of-the-art objectives replace the robust term R of κ · CE(f(x), y) + (1 − κ) · R (x_adv from the run's
+attack over S(x, ε_t); m(S) the relaxation's margin lower bounds over a set S; L(m) = CE(−m, y)):
+
+- sabr (Müller et al. 2023): R = L(m(S(c, λε_t))), c the attack point projected so S(c, λε_t) ⊆ S(x, ε_t).
+- taps (Mao et al. 2023): R = L(m̂)·L(m(S)) (the first factor's gradient scaled by w), m̂ the head's margins at
+  latent points searched by PGD in the box the relaxation gives the first part (see :mod:`certlab.train.latent`).
+- staps: taps over SABR's small set.
+- mtl-ibp (De Palma et al. 2024): R = α · L(m(S)) + (1 − α) · CE(f(x_adv), y).
+- exp-ibp: R = L(m(S))^α · CE(f(x_adv), y)^(1 − α).
+- cc-ibp: R = L(α · m(S) + (1 − α) · d), d_j = f_y(x_adv) − f_j(x_adv).
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from certlab.bounds import core
 from certlab.bounds.api import fold_spec, relu_bounds
 from certlab.bounds.spec import margin_table
 from certlab.bounds.ibp import interval_pass
-from certlab.train import schedules
+from certlab.train import latent, schedules
 
 TAU = 0.5  # target of the tightness regulariser
 
@@ -256,4 +267,157 @@ def certified_radius(model, x, y, template, method, max_eps, tol=None, recheck=F
                   recheck=recheck, **opts)
 
 
-OBJECTIVES = {"standard": standard, "pgd": pgd, "trades": trades, "certified": certified, "adaptive": adaptive}
+# -- state-of-the-art certified training ----------------------------------------------------------------------
+def _adversary(model, x, y, ctx, threat):
+    """(x_adv, eval-mode clean logits) by the run's attack over ``threat`` (exact line search on segments)."""
+    cfg = ctx.cfg
+    opts = {} if cfg.attack_step is None else {"step_size": cfg.attack_step * ctx.eps}  # ignored on segments
+    return run_with_clean_logits(model, x, y, threat, method=cfg.attack, steps=cfg.attack_steps,
+                                 restarts=cfg.attack_restarts, seed=ctx.seed, **opts)
+
+
+def _clean_logits_free(model, x):
+    with torch.no_grad(), eval_mode(model):
+        return model(x)
+
+
+def _mix(model, x, y, ctx, robust, logits=None):
+    """κ · CE(f(x), y) + (1 − κ) · robust; ``logits``: clean logits already at hand (their graph is used when κ > 0
+    and they carry one), else the model runs (without a graph when κ = 0)."""
+    if ctx.kappa > 0 and (logits is None or not logits.requires_grad):
+        logits = model(x)
+    elif logits is None:
+        logits = _clean_logits_free(model, x)
+    clean = F.cross_entropy(logits, y) if ctx.kappa > 0 else 0.0
+    return ctx.kappa * clean + (1 - ctx.kappa) * robust, logits.detach()
+
+
+def _centre(model, x, y, ctx, threat):
+    """SABR's (centre, small set, eval-mode clean logits or None)."""
+    lam = ctx.cfg.sabr_lambda
+    if lam >= 1.0 or ctx.eps == 0:
+        return x, threat, None
+    x_adv, z0 = _adversary(model, x, y, ctx, threat)
+    c, small = latent.small_set(threat, x, x_adv, ctx.eps, lam)
+    return c, small, z0
+
+
+def sabr(model, x, y, ctx):
+    cfg = ctx.cfg
+    threat = ctx.threat(x)
+    c, small, z0 = _centre(model, x, y, ctx, threat)
+    m, relus, logits = margins_and_relus(model, c, y, small, cfg.relaxation, _wants_reg(ctx), want_logits=c is x,
+                                         **_bound_opts(cfg, ctx.beta))
+    loss, logits = _mix(model, x, y, ctx, worst_case_ce(m, y), logits if logits is not None else z0)
+    reg, rstats = _regularise(model, c, y, ctx, relus, small)
+    st = {"correct": _correct(logits, y), **rstats}
+    if ctx.cfg.sabr_lambda >= 1.0:  # the margins are over the whole set: a certificate (a mix of steps would mislead)
+        st["certified"] = n_certified(m, y)
+    return loss + reg, st
+
+
+def _scale_grad(t, w: float):
+    """t in value, w·∂t in gradient."""
+    return t if w == 1.0 else w * t - (w - 1.0) * t.detach()
+
+
+def _taps_loss(model, c, y, ctx, small):
+    """(robust term, certified margins over ``small`` around c, ReLU bounds for the regularisers, clean logits at c
+    or None). Inside the ε ramp, or for ε = 0, the term is the certified loss alone (as the authors anneal)."""
+    cfg = ctx.cfg
+    first, head, n_first = latent.split(model, cfg.taps_head)
+    if cfg.relaxation == "ibp":
+        m, relus, logits = margins_and_relus(model, c, y, small, "ibp", True, want_logits=True)
+        lo, hi = relus[n_first - 1]
+    else:
+        m, _, logits = margins_and_relus(model, c, y, small, cfg.relaxation, False, **_bound_opts(cfg, ctx.beta))
+        with core.caller_precision():
+            pre = relu_bounds(first, c, small, cfg.relaxation, **_bound_opts(cfg, ctx.beta))
+        lo, hi = pre[n_first - 1]
+        relus = relu_bounds(model, c, small, "ibp") if _wants_reg(ctx) else None
+    cert = worst_case_ce(m, y)
+    if ctx.eps == 0 or schedules.in_warmup(cfg, ctx.t):
+        return cert, m, relus, logits
+    lo, hi = torch.relu(lo), torch.relu(hi)
+    K = m.shape[1]
+    gen = torch.Generator(device=c.device).manual_seed(ctx.seed)
+    z = latent.search(head, lo, hi, y, K, cfg.attack_steps, gen)
+    est = latent.estimate(head, latent.connect(z, lo, hi, cfg.taps_threshold), y, K)
+    robust = _scale_grad(worst_case_ce(est, y), cfg.taps_grad_scale)
+    if cfg.taps_ibp_mult:
+        robust = robust * cert
+    return robust, m, relus, logits
+
+
+def taps(model, x, y, ctx):
+    threat = ctx.threat(x)
+    robust, m, relus, logits = _taps_loss(model, x, y, ctx, threat)
+    loss, logits = _mix(model, x, y, ctx, robust, logits)
+    reg, rstats = _regularise(model, x, y, ctx, relus if _wants_reg(ctx) else None, threat)
+    return loss + reg, {"correct": _correct(logits, y), "certified": n_certified(m, y), **rstats}
+
+
+def staps(model, x, y, ctx):
+    threat = ctx.threat(x)
+    c, small, z0 = _centre(model, x, y, ctx, threat)
+    robust, m, relus, logits = _taps_loss(model, c, y, ctx, small)
+    loss, logits = _mix(model, x, y, ctx, robust, logits if c is x else z0)
+    reg, rstats = _regularise(model, c, y, ctx, relus if _wants_reg(ctx) else None, small)
+    st = {"correct": _correct(logits, y), **rstats}
+    if ctx.cfg.sabr_lambda >= 1.0:
+        st["certified"] = n_certified(m, y)
+    return loss + reg, st
+
+
+def _expressive(kind):
+    """mtl-ibp, exp-ibp and cc-ibp: the certified and the adversarial part over the same set S(x, ε_t)."""
+
+    def objective(model, x, y, ctx):
+        cfg = ctx.cfg
+        a = cfg.cert_alpha
+        threat = ctx.threat(x)
+        m = relus = logits = None
+        if a > 0 or _wants_reg(ctx):
+            m, relus, logits = margins_and_relus(model, x, y, threat, cfg.relaxation, _wants_reg(ctx),
+                                                 want_logits=True, **_bound_opts(cfg, ctx.beta))
+        z_adv = z0 = None
+        if a < 1:
+            x_adv, z0 = _adversary(model, x, y, ctx, threat) if ctx.eps > 0 else (x, None)
+            z_adv = model(x_adv)
+        if kind == "cc":
+            if a == 1:
+                d = m
+            else:
+                zy = z_adv.gather(1, y.view(-1, 1))
+                d = (zy - z_adv) if a == 0 else a * m + (1 - a) * (zy - z_adv)
+            robust = worst_case_ce(d, y)
+        else:
+            cert = worst_case_ce(m, y) if a > 0 else None
+            adv = F.cross_entropy(z_adv, y) if a < 1 else None
+            if a == 1 or a == 0:
+                robust = cert if a == 1 else adv
+            elif kind == "mtl":
+                robust = a * cert + (1 - a) * adv
+            else:  # the convex combination of the logarithms
+                tiny = torch.finfo(cert.dtype).tiny
+                robust = torch.exp(a * cert.clamp_min(tiny).log() + (1 - a) * adv.clamp_min(tiny).log())
+        loss, logits = _mix(model, x, y, ctx, robust, logits if logits is not None else z0)
+        reg, rstats = _regularise(model, x, y, ctx, relus, threat)
+        st = {"correct": _correct(logits, y), **rstats}
+        if m is not None:
+            st["certified"] = n_certified(m, y)
+        if z_adv is not None:
+            st["robust"] = _correct(z_adv.detach(), y)
+        return loss + reg, st
+
+    objective.__name__ = f"{kind}_ibp"
+    return objective
+
+
+mtl_ibp, exp_ibp, cc_ibp = _expressive("mtl"), _expressive("exp"), _expressive("cc")
+
+CERTIFIED = ("certified", "adaptive", "sabr", "taps", "staps", "mtl-ibp", "exp-ibp", "cc-ibp")
+"""Objectives whose models are validated by certification (over the whole ε-set, never SABR's small one)."""
+
+OBJECTIVES = {"standard": standard, "pgd": pgd, "trades": trades, "certified": certified, "adaptive": adaptive,
+              "sabr": sabr, "taps": taps, "staps": staps, "mtl-ibp": mtl_ibp, "exp-ibp": exp_ibp, "cc-ibp": cc_ibp}
