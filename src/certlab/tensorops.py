@@ -7,7 +7,7 @@ transposed matrix (``v[:, None] @ Aᵀ``), and a multiply followed by a sum writ
 the autograd backward of either form is slow too (a column of ``Aᵀ`` times a row, or a transposed gradient that the
 next elementwise op reads with strides), so ``bdot`` carries its own: ∂/∂A = g ⊗ v by broadcasting (one pass, laid
 out like A) and ∂/∂v = g·A as a row times a matrix. That backward is written in differentiable torch ops, so double
-backward works. Timings: docs/benchmarks.md ("Sixteenth session").
+backward works. Timings: docs/benchmarks.md ("Batched matrix–vector products").
 """
 
 from __future__ import annotations
