@@ -70,6 +70,9 @@ def threat_for(kind, x, eps, seed=0, k=3):
     if kind == "l2":
         return certlab.L2Ball(eps)
     g = torch.Generator().manual_seed(seed)
+    if kind == "box":  # an asymmetric per-feature box around x (some sides flat), cut to [0, 1]
+        u = torch.rand((2, *x.shape), generator=g) * (torch.rand((2, *x.shape), generator=g) > 0.1)
+        return certlab.Box((x - eps * u[0]).clamp(min=0), (x + eps * u[1]).clamp(max=1))
     d = torch.randn((k, *x.shape[1:]), generator=g)
     return certlab.SegmentUnion(d, eps, domain=(0.0, 1.0))
 

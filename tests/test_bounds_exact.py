@@ -105,13 +105,16 @@ def test_margins_sound_against_milp(name, build, shape, eps):
         assert not (cert & ~exact_robust).any(), f"{m} certifies a sample that the MILP shows is not robust"
 
 
-@pytest.mark.parametrize("kind", ["l2", "segments"])
+@pytest.mark.parametrize("kind", ["l2", "segments", "box"])
 def test_other_sets_sound_against_milp(kind):
-    """ℓ2 (exact up to 1e-6 by tangent cuts) and unions of segments (exact, one binary per segment)."""
+    """ℓ2 (exact up to 1e-6 by tangent cuts), unions of segments (exact, one binary per segment) and per-feature
+    boxes."""
     torch.manual_seed(0)
     model, x = mlp(11), _data((2,), 12, B=2)
     if kind == "l2":
         threat = certlab.L2Ball(0.25)
+    elif kind == "box":
+        threat = certlab.Box(x - torch.tensor([[0.3, 0.05], [0.0, 0.2]]), x + torch.tensor([[0.1, 0.25], [0.3, 0.2]]))
     else:
         threat = certlab.SegmentUnion(torch.randn(3, 2, generator=torch.Generator().manual_seed(1)), 0.3,
                                       domain=(0.0, 1.0))

@@ -15,6 +15,7 @@ _EXPORTS = {
     "LinfBall": "certlab.threat",
     "L2Ball": "certlab.threat",
     "SegmentUnion": "certlab.threat",
+    "Box": "certlab.threat",
     "METHODS": "certlab.bounds",
     "Bounds": "certlab.bounds",
     "margins": "certlab.bounds",

@@ -23,7 +23,6 @@ import torch
 
 from certlab.attacks.base import (
     Best,
-    ascent_direction,
     bview,
     ce_loss,
     dlr_loss,
@@ -58,7 +57,6 @@ def apgd(model, x, y, threat, generator, steps: int = 100, loss: str = "ce", tar
         lf = lambda z: dlr_loss(z, y)  # noqa: E731
     else:
         lf = lambda z: ce_loss(z, y)  # noqa: E731
-    norm = threat.norm
     B = x.shape[0]
     eta = 2.0 * threat.eps_vector(x)
     x0 = random_start(threat, x, generator) if rand_init else x.clone()
@@ -67,7 +65,7 @@ def apgd(model, x, y, threat, generator, steps: int = 100, loss: str = "ce", tar
     best = Best(x0, z, y)
     f_max, x_max, g_max = f.clone(), x0.clone(), g.clone()
     x_prev = x0
-    x_cur = threat.project(x0 + bview(eta, x) * ascent_direction(g, norm), x)
+    x_cur = threat.project(x0 + bview(eta, x) * threat.ascent(g), x)
     f_prev = f
 
     marks = set(checkpoints(steps))
@@ -103,7 +101,7 @@ def apgd(model, x, y, threat, generator, steps: int = 100, loss: str = "ce", tar
             f_max_at_mark = f_max.clone()
             n_up.zero_()
             last_mark = k
-        zk = threat.project(x_cur + bview(eta, x) * ascent_direction(g, norm), x)
+        zk = threat.project(x_cur + bview(eta, x) * threat.ascent(g), x)
         x_new = threat.project(x_cur + momentum * (zk - x_cur) + (1 - momentum) * (x_cur - x_prev), x)
         x_prev, x_cur = x_cur, x_new
 

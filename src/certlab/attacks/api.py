@@ -105,7 +105,7 @@ def run_with_clean_logits(model, x, y, threat, method: str = "apgd-ce", steps: i
     check_positive_int("restarts", restarts)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"seed must be an integer, got {seed!r}")
-    segments = threat.norm == "segments"
+    segments = not threat.gradient_attacks  # the exact line search instead
     if method == "segment" and not segments:
         raise InputError(f"method 'segment' needs a SegmentUnion threat, got {type(threat).__name__}; "
                          "use pgd or apgd-* on balls")
@@ -165,7 +165,7 @@ def robust_error(model, x, y, threat, attacks=("apgd-ce", "apgd-t"), return_adv:
         check_logits(z0, y)
         err = misclassified(z0, y)
     x_adv = x.clone()
-    segments = threat.norm == "segments"
+    segments = not threat.gradient_attacks
     # an option goes to the attacks that take it (e.g. n_targets only to apgd-t); one no attack takes is an error
     generic = {"steps", "restarts", "seed"}
     takes = {a: generic | _OPTS[a] | (_SEGMENT_OPTS if segments else set()) for a in attacks}

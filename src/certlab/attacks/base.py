@@ -150,16 +150,6 @@ def bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (x.dim() - 1)))
 
 
-def ascent_direction(g: torch.Tensor, norm: str) -> torch.Tensor:
-    """Steepest-ascent direction of unit dual norm: ``sign(g)`` for ℓ∞, ``g/‖g‖₂`` for ℓ2."""
-    if norm == "linf":
-        return g.sign()
-    if norm == "l2":
-        n = g.reshape(g.shape[0], -1).norm(dim=1).clamp_min(1e-12)
-        return g / bview(n, g)
-    raise InputError(f"gradient attacks support the linf and l2 balls, not {norm!r}")
-
-
 def random_start(threat, x, generator):
     """A uniformly random point of the set (the balls' own sampler, domain clipping included)."""
     return threat.project(threat.sample(x, 1, generator=generator)[0], x)

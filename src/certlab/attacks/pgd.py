@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from certlab.attacks.base import LOSSES, Best, ascent_direction, bview, loss_and_grad, random_start
+from certlab.attacks.base import LOSSES, Best, bview, loss_and_grad, random_start
 from certlab.errors import InputError
 
 
@@ -39,7 +39,7 @@ def pgd(model, x, y, threat, generator, steps: int = 20, step_size=None, loss: s
             best = Best(xa, z, y)
         else:
             best.update(xa, z)
-        xa = threat.project(xa + alpha * ascent_direction(g, threat.norm), x)
+        xa = threat.project(xa + alpha * threat.ascent(g), x)
     with torch.no_grad():
         best.update(xa, model(xa))
     return best

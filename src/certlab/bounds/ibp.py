@@ -3,12 +3,9 @@
 For an affine layer, c' = W c + b and r' = |W| r; for a ReLU, [l, u] ↦ [relu(l), relu(u)]; for a residual sum the
 centres and radii add. The input box is the interval hull of the threat set.
 
-For ℓ2 and segment sets the box hull is loose, so the nodes that are affine functions of the input (the *linear
-prefix*, before any ReLU) are also bounded directly from the set and the two boxes intersected:
-
-- segments: the k directions are pushed through the prefix, exactly: z(x) + max_j max_β β·(L d_j);
-- ℓ2: z(x) ± ε·ρ, with ρ an upper bound on the ℓ2 norm of each row of the prefix map L — exact through per-channel
-  scalings and the first mixing layer (ρ' = sqrt((W∘W) ρ²)), then by the triangle inequality (ρ' = |W| ρ).
+For sets that are not boxes (ℓ2, segments) the box hull is loose, so the nodes that are affine functions of the input
+(the *linear prefix*, before any ReLU) are also bounded directly from the set (``threat.prefix``, see
+certlab.threat) and the two boxes intersected.
 
 A prefix node is marked *exact* when its interval is the exact range of the node over the set (at most one mixing
 layer on its path); tighter relaxations reuse those bounds instead of back-substituting.
@@ -23,59 +20,24 @@ from certlab.bounds.ops import ReshapeOp
 
 def prefix_bounds(g, x, threat):
     """({node: (lower, upper)} for refined prefix nodes, set of prefix nodes whose interval bound is exact)."""
-    B = x.shape[0]
-    norm = threat.norm
     mixing = {0: 0}
-    vals = {0: x} if norm != "linf" else None
-    dirs = rho = diag = None
-    if norm == "segments":
-        d = threat.directions_for(x)  # [B, k, n]
-        k = d.shape[1]
-        dirs = {0: d.reshape(B * k, *x.shape[1:])}
-        blo, bhi = threat.beta_range(x)
-        blo, bhi = blo.unsqueeze(-1), bhi.unsqueeze(-1)
-    elif norm == "l2":
-        rho = {0: torch.ones((1, *x.shape[1:]), device=x.device, dtype=x.dtype)}
-        diag = {0: True}
-        eps = threat.eps_view(x)
+    pre = threat.prefix(x)
     out, exact = {}, set()
     for i, node in enumerate(g.nodes):
         if i == 0 or node.kind == "relu" or any(j not in mixing for j in node.inputs):
             continue
         if node.kind == "affine":
             j = node.inputs[0]
-            op = node.op
-            mixing[i] = mixing[j] + (0 if op.diagonal else 1)
-            if vals is not None:
-                vals[i] = op.fwd(vals[j])
-            if dirs is not None:
-                dirs[i] = op.lin(dirs[j])
-            if rho is not None:
-                if diag[j]:
-                    rho[i] = op.sqfwd(rho[j] * rho[j]).clamp_min(0).sqrt()
-                else:
-                    rho[i] = op.absfwd(rho[j])
-                diag[i] = diag[j] and op.diagonal
+            mixing[i] = mixing[j] + (0 if node.op.diagonal else 1)
+            pre.affine(i, j, node.op)
         else:  # add
-            a, b = node.inputs
             mixing[i] = 2  # a sum of two paths: interval arithmetic is no longer exact
-            if vals is not None:
-                vals[i] = vals[a] + vals[b]
-            if dirs is not None:
-                dirs[i] = dirs[a] + dirs[b]
-            if rho is not None:
-                rho[i] = rho[a] + rho[b]
-                diag[i] = False
+            pre.add(i, *node.inputs)
         if mixing[i] <= 1:
             exact.add(i)
-        if norm == "segments":
-            p = dirs[i].reshape(B, k, -1)
-            lo = torch.min(p * blo, p * bhi).min(1).values.reshape(B, *node.shape)
-            hi = torch.max(p * blo, p * bhi).max(1).values.reshape(B, *node.shape)
-            out[i] = (vals[i] + lo, vals[i] + hi)
-        elif norm == "l2":
-            e = eps.reshape(B, *([1] * len(node.shape)))
-            out[i] = (vals[i] - e * rho[i], vals[i] + e * rho[i])
+        bd = pre.bounds(i, node.shape)
+        if bd is not None:
+            out[i] = bd
     return out, exact
 
 

@@ -232,9 +232,9 @@ def _back(g, start, path, P, rows, cols, pre, x, threat, lower, upper=False):
         st = (st[0] * op.stride[0], st[1] * op.stride[1])
         pad = (pad[0] * op.stride[0] + op.padding[0], pad[1] * op.stride[1] + op.padding[1])
         P = Pn.reshape(*P.shape[:-3], *Pn.shape[1:])
-        if i == path[-1] and threat.norm != "l2":
-            continue  # at the input the box and the other maps are read zero-padded: no mask needed (ℓ2 needs
-            # the norm of the real entries)
+        if i == path[-1] and threat.support_by_maps:
+            continue  # at the input the set's maps are read zero-padded: no mask needed (a row norm, as ℓ2 takes,
+            # needs the real entries only)
         Hi, Wi = op.in_shape[1:]
         geo = _Geometry((Hi, Wi), P.shape[-2:], st, pad, rows, cols, grouped)
         mask = geo.gather(torch.ones(1, 1, Hi, Wi, device=x.device, dtype=x.dtype))  # 0 on padding
@@ -280,30 +280,24 @@ def _dilate(W, dilation):
     return out
 
 
+class _Rows:
+    """Patch rows P as ``threat.concretize_rows`` reads them: products with maps shaped like x, and row norms."""
+
+    def __init__(self, P, geo, B):
+        self.P, self.geo = P, geo
+        self.lead = (B,) + (1,) * (P.dim() - 4)  # per-sample scalars against the results' leading dims
+
+    def dot(self, t):
+        return _dot(self.P, self.geo.gather(t))
+
+    def absdot(self, t):
+        return _dot(self.P.abs(), self.geo.gather(t))
+
+    def norm(self):
+        return self.P.flatten(-3).norm(dim=-1)
+
+
 def _concretize(threat, x, P, geo, lower_only=False):
     """(min, max) of P·x' over the set for every patch (max is None when lower_only); P [B, S, C, ph, pw], or
     [·, Q, R, C, ph, pw] in grouped mode (results [B, Q, R])."""
-    B = x.shape[0]
-    lead = (B,) + (1,) * (P.dim() - 4)  # per-sample scalars against the results' leading dims
-    box = None
-    if threat.norm == "linf" or (threat.norm == "l2" and threat.domain is not None):
-        lo, hi = threat.interval_hull(x)
-        c = _dot(P, geo.gather((lo + hi) / 2))
-        r = _dot(P.abs(), geo.gather((hi - lo) / 2))
-        box = (c - r, None if lower_only else c + r)
-        if threat.norm == "linf":
-            return box
-    centre = _dot(P, geo.gather(x))
-    if threat.norm == "l2":
-        rad = P.flatten(-3).norm(dim=-1) * threat.eps_vector(x).view(lead)
-        ball = (centre - rad, None if lower_only else centre + rad)
-        if box is None:
-            return ball
-        return torch.max(ball[0], box[0]), None if lower_only else torch.min(ball[1], box[1])
-    d = threat.directions_for(x)  # [B, k, n]
-    k = d.shape[1]
-    ad = torch.stack([_dot(P, geo.gather(d[:, j].reshape(x.shape))) for j in range(k)], -1)
-    blo, bhi = threat.beta_range(x)
-    ends = (ad * blo.view(*lead, k), ad * bhi.view(*lead, k))
-    low = centre + torch.min(*ends).min(-1).values
-    return low, None if lower_only else centre + torch.max(*ends).max(-1).values
+    return threat.concretize_rows(_Rows(P, geo, x.shape[0]), x, lower_only)

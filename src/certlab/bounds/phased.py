@@ -57,9 +57,9 @@ MAX_FACTOR = 4  # phase grids of S² channels per input channel: beyond 4 the ke
 
 
 def concretize(threat, x, A):
-    """(min, max) of A·x' over the set for Phased rows A over the input: an ℓ∞ set's box maps are brought into the
+    """(min, max) of A·x' over the set for Phased rows A over the input: a box set's maps are brought into the
     rows' layout (zero where it has no pixel, so entries there drop out), other sets get the plain rows."""
-    if threat.norm != "linf":
+    if not threat.is_box:
         return threat.concretize(A.plain(), x)
     lo, hi = threat.interval_hull(x)
     return threat.box_concretize(A.Z, A.map(lo), A.map(hi))

@@ -77,11 +77,10 @@ def run_cell(config: dict, run_dir: str) -> dict:
 
 
 def _diag_threat(cfg, info):
-    from certlab.threat import L2Ball, LinfBall
+    from certlab.threat import ball
 
     domain = None if info.domain is None else tuple(info.domain)
-    eps = cfg.final_eval_eps
-    return LinfBall(eps, domain=domain) if cfg.norm == "linf" else L2Ball(eps, domain=domain)
+    return ball(cfg.norm, cfg.final_eval_eps, domain=domain)
 
 
 def diagnostics_metrics(rows, own: str) -> dict:

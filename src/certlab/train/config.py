@@ -203,8 +203,10 @@ class TrainConfig:
                 raise CertlabError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
         if self.attack_step is not None and self.attack != "pgd":
             raise CertlabError(f"attack_step applies to attack 'pgd' only, not {self.attack!r}")
-        if self.norm == "segments" and self.objective == "trades":
-            raise CertlabError("objective 'trades' is not available for norm 'segments'; use pgd or certified")
+        from certlab.threat import kind as threat_kind  # torch loads only once a config is checked
+
+        if self.objective == "trades" and not threat_kind(self.norm).gradient_attacks:
+            raise CertlabError(f"objective 'trades' is not available for norm {self.norm!r}; use pgd or certified")
 
     @property
     def final_eval_eps(self) -> float:

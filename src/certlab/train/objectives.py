@@ -71,8 +71,9 @@ def standard(model, x, y, ctx):
 def pgd(model, x, y, ctx):
     cfg = ctx.cfg
     if ctx.eps > 0:
-        opts = {} if cfg.attack_step is None or cfg.norm == "segments" else {"step_size": cfg.attack_step * ctx.eps}
-        x_adv, z_clean = run_with_clean_logits(model, x, y, ctx.threat(x), method=cfg.attack, steps=cfg.attack_steps,
+        threat = ctx.threat(x)
+        opts = {} if cfg.attack_step is None or not threat.gradient_attacks else {"step_size": cfg.attack_step * ctx.eps}
+        x_adv, z_clean = run_with_clean_logits(model, x, y, threat, method=cfg.attack, steps=cfg.attack_steps,
                                                restarts=cfg.attack_restarts, seed=ctx.seed, **opts)
     else:
         x_adv = x
@@ -100,11 +101,7 @@ def _trades_adversary(model, x, threat, steps, seed):
                 out = model(z)
             kl = F.kl_div(F.log_softmax(out, 1), p_clean, reduction="sum")
             grad = input_grad(model, kl, z)
-            if threat.norm == "linf":
-                z = z.detach() + step * grad.sign()
-            else:
-                n = grad.reshape(x.shape[0], -1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-                z = z.detach() + step * grad / n
+            z = z.detach() + step * threat.ascent(grad)
             z = threat.project(z, x)
     finally:
         model.train(was)

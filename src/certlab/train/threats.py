@@ -7,17 +7,20 @@ from __future__ import annotations
 import torch
 
 from certlab import data as cdata
-from certlab.errors import CertlabError
+from certlab.errors import CertlabError, InputError
 from certlab.train.config import SEGMENT_DIRS
-from certlab.threat import L2Ball, LinfBall, SegmentUnion, ThreatSet
+from certlab import threat as _threat
+from certlab.threat import ThreatSet
 
 
 class ThreatMaker:
     """``maker(x, eps)`` -> the run's threat set around the batch ``x`` with radius ``eps`` (float or [B] tensor)."""
 
     def __init__(self, norm: str, dataset: str, info, k: int = 1, seed: int = 0, dirs: str = "signal"):
-        if norm not in ("linf", "l2", "segments"):
-            raise CertlabError(f"unknown norm {norm!r}; choose one of linf, l2, segments")
+        try:
+            _threat.kind(norm)
+        except InputError as e:
+            raise CertlabError(str(e)) from None
         if dirs not in SEGMENT_DIRS:
             raise CertlabError(f"unknown segment directions {dirs!r}; choose one of {', '.join(SEGMENT_DIRS)}")
         self.norm, self.dataset, self.info, self.k, self.seed, self.dirs = norm, dataset, info, k, seed, dirs
@@ -33,11 +36,7 @@ class ThreatMaker:
         return self._dirs
 
     def __call__(self, x: torch.Tensor, eps) -> ThreatSet:
-        if self.norm == "linf":
-            return LinfBall(eps, domain=self.domain)
-        if self.norm == "l2":
-            return L2Ball(eps, domain=self.domain)
-        return SegmentUnion(self.directions(x), eps, domain=self.domain)
+        return _threat.make(self.norm, eps, domain=self.domain, directions=lambda: self.directions(x))
 
 
 def batch_threat(threat, x: torch.Tensor, idx: torch.Tensor | slice | None = None) -> ThreatSet:
@@ -49,11 +48,4 @@ def batch_threat(threat, x: torch.Tensor, idx: torch.Tensor | slice | None = Non
         if callable(threat):
             return threat(x)
         raise CertlabError(f"threat must be a certlab threat set or a callable x -> set, got {type(threat).__name__}")
-    B = x.shape[0]
-    out = threat
-    if isinstance(threat.eps, torch.Tensor) and threat.eps.shape[0] != B and idx is not None:
-        out = out.with_eps(threat.eps[idx])
-    if isinstance(threat, SegmentUnion) and threat._raw.dim() == x.dim() + 1 and threat._raw.shape[0] != B \
-            and idx is not None:
-        out = SegmentUnion(threat._raw[idx], out.eps, domain=threat.domain)
-    return out
+    return threat if idx is None else threat.take(x, idx)

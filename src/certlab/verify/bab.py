@@ -39,16 +39,6 @@ from certlab.verify.result import Result, check_counterexample
 BUDGET = 3e7  # floats per back-substitution chunk (memory cap)
 
 
-def single_threat(threat, x, b):
-    """The set around x[b] alone, valid for any batch of copies of x[b] (scalar eps, shared directions)."""
-    eps = threat.subset(x, torch.tensor([b], device=x.device)).eps
-    eps = float(eps[0]) if isinstance(eps, torch.Tensor) else eps  # the radius as given (a float64 one is kept)
-    if threat.norm == "segments":  # the directions as given (normalised again by the new set)
-        d = threat._raw[b] if threat._raw.dim() == x.dim() + 1 else threat._raw
-        return type(threat)(d, eps, threat.domain)
-    return threat.with_eps(eps)
-
-
 @dataclass
 class Domain:
     lower: float
@@ -203,25 +193,11 @@ class _Search:
         """Minimiser over the input set of A0w·x' (one row per domain): [N, *in]."""
         N = A0w.shape[0]
         X = self.x.expand(N, *self.x.shape[1:])
-        if self.threat.norm == "linf":
-            lo, hi = self.threat.interval_hull(X)
-            return torch.where(A0w > 0, lo, hi)
-        if self.threat.norm == "l2":
-            nrm = A0w.reshape(N, -1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (X.dim() - 1)))
-            return self.threat.project(X - self.threat.eps_view(X) * A0w / nrm, X)
-        d = self.threat.directions_for(X)  # [N, k, n]
-        ad = torch.einsum("nk,njk->nj", A0w.reshape(N, -1), d)
-        blo, bhi = self.threat.beta_range(X)
-        v_lo, v_hi = ad * blo, ad * bhi
-        use_hi = v_hi < v_lo
-        best = torch.where(use_hi, v_hi, v_lo)
-        j = best.argmin(1)
-        beta = torch.where(use_hi, bhi, blo).gather(1, j.view(-1, 1)).squeeze(1)
-        return self.threat.points(X, j, beta)
+        return self.threat.argmin(A0w.reshape(X.shape), X)
 
     def find_counterexample(self, pts, pgd_steps=0):
         """A misclassified point among pts (optionally after PGD steps on the worst margin), checked, or None."""
-        if pgd_steps and self.threat.norm in ("linf", "l2"):
+        if pgd_steps and self.threat.gradient_attacks:
             pts = self._pgd(pts, pgd_steps)
         with torch.no_grad():
             out = self.model(pts)
@@ -245,11 +221,7 @@ class _Search:
                 other = out.scatter(1, yv.view(-1, 1), float("-inf")).max(1).values
                 m = (out.gather(1, yv.view(-1, 1)).squeeze(1) - other).sum()
                 gr, = torch.autograd.grad(m, z)
-            if self.threat.norm == "linf":
-                z = z - step * gr.sign()
-            else:
-                gn = gr.reshape(N, -1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (z.dim() - 1)))
-                z = z - step * gr / gn
+            z = z - step * self.threat.ascent(gr)
             z = self.threat.project(z.detach(), X)
             step *= 0.8
         return z.detach()
@@ -448,7 +420,7 @@ def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, 
                 out[i] = Result("falsified", z, share2, 0, None, "bab")
         for b in range(B):
             if out[b] is None:
-                ts = single_threat(threat, x, b)
+                ts = threat.single(x, b)
                 out[b] = _bab_one(model, x[b:b + 1], y[b:b + 1], ts, float(timeout), int(max_nodes), int(batch),
                                   False, pgd_every, int(leaf_milp), int(iters))
     return out

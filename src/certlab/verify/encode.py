@@ -107,33 +107,7 @@ def encode(g, x, threat, pre, b: int = 0, integral: bool = True, splits=None, de
     ``splits[i]`` (optional, int tensor [B, n_i]): +1 forces z ≥ 0, −1 forces z ≤ 0 on neuron k of ReLU i (a
     branch-and-bound subdomain); the rows are added explicitly since clamped bounds alone would not enforce them."""
     enc = Encoding()
-    xb = x[b:b + 1]
-    x0 = _np(xb).ravel()
-    n_in = x0.size
-    if threat.norm in ("linf", "l2"):
-        lo, hi = threat.interval_hull(x)
-        idx = enc.new_vars(_np(lo[b]), _np(hi[b]))
-        M0 = sp.csr_matrix((np.ones(n_in), (np.arange(n_in), idx)), shape=(n_in, enc.n))
-        c0 = np.zeros(n_in)
-    elif threat.norm == "segments":
-        d = _np(threat.directions_for(x)[b])  # [k, n]
-        blo, bhi = (_np(t)[b] for t in threat.beta_range(x))
-        k = d.shape[0]
-        enc.new_vars(np.minimum(blo, 0), np.maximum(bhi, 0))
-        enc.new_vars(np.zeros(k), np.ones(k), integer=integral)
-        # β_j − β⁺_j s_j ≤ 0 ≤ β_j − β⁻_j s_j ;  Σ s_j = 1
-        eye = sp.identity(k, format="csr")
-        A_hi = sp.hstack([eye, -sp.diags(bhi)])
-        A_lo = sp.hstack([eye, -sp.diags(blo)])
-        ones = sp.csr_matrix(np.concatenate([np.zeros(k), np.ones(k)])[None])
-        # variables so far: β = 0..k-1, s = k..2k-1
-        enc.add_rows(sp.vstack([A_hi, A_lo, ones]),
-                     np.concatenate([np.full(k, -np.inf), np.zeros(k), [1.0]]),
-                     np.concatenate([np.zeros(k), np.full(k, np.inf), [1.0]]))
-        M0 = sp.csr_matrix(np.hstack([d.T, np.zeros((n_in, k))]))
-        c0 = x0.copy()
-    else:
-        raise InputError(f"no MILP encoding for threat sets of kind {threat.norm!r}")
+    M0, c0 = threat.milp_input(enc, x, b, integral)
     enc.input_map = (M0, c0)
     enc.expr[0] = (M0, c0)
     for i, node in enumerate(g.nodes):

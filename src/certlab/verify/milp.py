@@ -166,7 +166,7 @@ class Problem:
             r["nodes"] = nodes
             r["point"] = None if r["v"] is None else self.enc.point(r["v"])
             ok = r["status"] == "optimal" and r["v"] is not None
-            if self.threat.norm != "l2" or not ok:
+            if not self.threat.needs_cuts or not ok:
                 r["exact"] = ok
                 return r
             p = r["point"]
@@ -189,8 +189,7 @@ class Problem:
 
     def project(self, p: np.ndarray) -> np.ndarray:
         xb = torch.as_tensor(self.x0, dtype=torch.float64).unsqueeze(0)
-        t = self.threat.with_eps(float(self.eps)) if self.threat.norm == "l2" else self.threat
-        return t.project(torch.as_tensor(p, dtype=torch.float64).unsqueeze(0), xb)[0].numpy()
+        return self.threat.project(torch.as_tensor(p, dtype=torch.float64).unsqueeze(0), xb)[0].numpy()
 
 
 def evaluator(model, shape):
@@ -209,8 +208,8 @@ def evaluator(model, shape):
 def problem(g, x, threat, pre, b: int, integral=True, splits=None, dense=None) -> Problem:
     enc = encode(g, x, threat, pre, b, integral, splits, dense)
     x0 = x[b].detach().double().cpu().numpy().ravel()
-    eps = float(threat.eps_vector(x)[b]) if threat.norm == "l2" else 0.0
-    return Problem(enc, threat, x0, eps)
+    ts = threat.single(x, b)  # the set around x[b] alone: what projections and cuts need
+    return Problem(enc, ts, x0, float(ts.eps_vector(x[b:b + 1])[0]))
 
 
 def _spec(C, x, K):
@@ -244,7 +243,7 @@ def exact_bounds(model, x, threat, C=None, pre: str = "ibp", timeout: float = 12
         B, S = Cn.shape[:2]
         lower, upper = np.zeros((B, S)), np.zeros((B, S))
         dense = dense_ops(g)
-        make = evaluator(model, x.shape[1:]) if threat.norm == "l2" else None
+        make = evaluator(model, x.shape[1:]) if threat.needs_cuts else None
         for b in range(B):
             prob = problem(g, x, threat, P, b, dense=dense)
             for s in range(S):
@@ -318,7 +317,7 @@ def _verify_one(model, g, x, y, threat, b, timeout, attack, pre):
         return done("verified", bound=min(proven))
     prob = problem(gb, xb, ts, P, 0)
     Cn = C[0].double().cpu().numpy()
-    make = evaluator(model, x.shape[1:]) if ts.norm == "l2" else None
+    make = evaluator(model, x.shape[1:]) if ts.needs_cuts else None
     nodes, unknown = 0, False
     for j in order:
         obj, const = prob.enc.linear(gb.output, Cn[j])

@@ -22,7 +22,7 @@ from certlab.bounds import core
 from certlab.bounds.api import margins
 from certlab.bounds.rounding import Float64Twin, settle
 from certlab.errors import InputError
-from certlab.threat import L2Ball, LinfBall, ThreatSet
+from certlab.threat import KINDS, ThreatSet
 
 
 def _template(norm, threat):
@@ -30,11 +30,10 @@ def _template(norm, threat):
         if not isinstance(threat, ThreatSet):
             raise InputError(f"threat must be a certlab threat set, got {type(threat).__name__}")
         return threat
-    if norm == "linf":
-        return LinfBall(0.0)
-    if norm == "l2":
-        return L2Ball(0.0)
-    raise InputError(f"norm must be 'linf' or 'l2' (or pass threat=...), got {norm!r}")
+    cls = KINDS.get(norm)
+    if cls is None or cls.needs_directions:
+        raise InputError(f"norm must be 'linf' or 'l2' (or pass threat=...), got {norm!r}")
+    return cls(0.0)
 
 
 def _worst_margin(model, x, y, threat, eps, method, opts, twin):
