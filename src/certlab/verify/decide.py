@@ -27,7 +27,6 @@ from torch import nn
 
 from certlab import nn as cnn
 from certlab.errors import CertlabError, InputError
-from certlab.threat import LinfBall
 from certlab.verify.property import TOL, Property, Region
 
 METHODS = ("auto", "crown", "alpha-crown", "bab", "milp")
@@ -83,18 +82,33 @@ def reparametrise(model: nn.Module, lo: np.ndarray, hi: np.ndarray, shape) -> nn
 
 
 class _Problem:
-    """One region on one network: the reparametrised network, its spec rows and point checks."""
+    """One region on one network: the network in t-coordinates (reparametrised where the prefix allows, else the
+    original on the box itself), its spec rows and point checks."""
 
     def __init__(self, model, region: Region, shape, clock):
         self.model, self.region, self.shape, self.clock = model, region, tuple(shape), clock
         self.lo, self.hi = region.lower, region.upper
-        self.net = reparametrise(model, self.lo, self.hi, self.shape)
         self.n = self.lo.size
+        try:
+            self.net = reparametrise(model, self.lo, self.hi, self.shape)
+            self.tlo = -torch.ones(1, self.n, dtype=torch.float64)
+            self.thi = torch.ones(1, self.n, dtype=torch.float64)
+            self.flat = True
+        except CertlabError:  # e.g. a convolution first: the box as a Box set on the original input
+            self.net = model
+            self.tlo = torch.as_tensor(self.lo, dtype=torch.float64).reshape(1, *self.shape)
+            self.thi = torch.as_tensor(self.hi, dtype=torch.float64).reshape(1, *self.shape)
+            self.flat = False
         self.c = torch.as_tensor((self.lo + self.hi) / 2, dtype=torch.float64)
         self.r = torch.as_tensor((self.hi - self.lo) / 2, dtype=torch.float64)
 
+    def centre(self):
+        return (self.tlo + self.thi) / 2
+
     def to_x(self, t):
-        return torch.clamp(self.c + self.r * t.reshape(-1, self.n), torch.as_tensor(self.lo), torch.as_tensor(self.hi))
+        if self.flat:
+            t = self.c + self.r * t.reshape(-1, self.n)
+        return torch.clamp(t.reshape(-1, self.n), torch.as_tensor(self.lo), torch.as_tensor(self.hi))
 
     def check(self, x) -> Answer | None:
         """A witness answer if the original network at x (flat) satisfies the region's unsafe condition."""
@@ -113,9 +127,10 @@ class _Problem:
             if C.shape[0] == 0:
                 return self.check(self.c)
             Ct, dt = torch.as_tensor(C), torch.as_tensor(d)
-            t = torch.rand(restarts, self.n, generator=g, dtype=torch.float64) * 2 - 1
-            t[0] = 0
-            step = 0.25
+            lo, hi = self.tlo, self.thi
+            t = lo + (hi - lo) * torch.rand(restarts, *lo.shape[1:], generator=g, dtype=torch.float64)
+            t[0] = self.centre()[0]
+            step = 0.25 * (hi - lo) / 2
             for s in range(steps):
                 t.requires_grad_(True)
                 f = self.net(t)
@@ -127,7 +142,7 @@ class _Problem:
                         return a
                 (gr,) = torch.autograd.grad(loss.sum(), t)
                 with torch.no_grad():
-                    t = (t - step * gr.sign()).clamp(-1, 1)
+                    t = torch.max(torch.min(t - step * gr.sign(), hi), lo)
                 if s % 10 == 9:
                     step /= 2
                 if self.clock.left() <= 0:
@@ -151,22 +166,22 @@ class _Problem:
             own += [k] * C.shape[0]
         return np.concatenate(Cs), np.concatenate(ds), np.array(own)
 
-    def refuted(self, conjs, method, t=None, rad=1.0):
-        """[B, len(conjs)] bool: conjunction refuted on the cube of radius rad around each t (default: the box)."""
+    def refuted(self, conjs, method, lo=None, hi=None):
+        """[B, len(conjs)] bool: conjunction refuted on each t-box [lo, hi] (default: the whole box)."""
         from certlab.bounds.api import bounds
+        from certlab.threat import Box
 
         C, d, own = self.rows(conjs)
-        t = torch.zeros(1, self.n, dtype=torch.float64) if t is None else t
-        Ct = torch.as_tensor(C).unsqueeze(0).expand(t.shape[0], -1, -1)
-        eps = rad if isinstance(rad, float) else torch.as_tensor(rad, dtype=torch.float64)
+        lo, hi = (self.tlo, self.thi) if lo is None else (lo, hi)
+        Ct = torch.as_tensor(C).unsqueeze(0).expand(lo.shape[0], -1, -1)
         with torch.no_grad() if method != "alpha-crown" else torch.enable_grad():
-            low = bounds(self.net, t, LinfBall(eps, domain=None), method, C=Ct).lower.detach().double()
+            low = bounds(self.net, (lo + hi) / 2, Box(lo, hi), method, C=Ct).lower.detach().double()
         tol = TOL * (1 + np.abs(d))
         row_ok = (low - torch.as_tensor(d + tol)) > 0  # [B, S]
-        out = torch.zeros(t.shape[0], len(conjs), dtype=torch.bool)
+        out = torch.zeros(lo.shape[0], len(conjs), dtype=torch.bool)
         for j, k in enumerate(conjs):
             out[:, j] = row_ok[:, torch.as_tensor(own == k)].any(1)
-        return out
+        return out, low
 
 
 def _wrapped(net, rows, d):
@@ -181,20 +196,65 @@ def _wrapped(net, rows, d):
     return nn.Sequential(*net.children(), lin).double().eval()
 
 
+def _milp_conjunction(p: _Problem, C, d, clock):
+    """Exact MILP: min t s.t. c_i·f(x) − d_i ≤ t for every row, x in the box. "unsat" when the proven lower bound
+    on t exceeds the tolerance, an Answer "sat" from the optimum's point, else None (undecided in time)."""
+    import scipy.sparse as sp
+
+    from certlab.bounds import core
+    from certlab.threat import Box
+    from certlab.verify import milp
+
+    x0, box = p.centre(), Box(p.tlo, p.thi)
+    with torch.no_grad():
+        g = core.build_graph(p.net, x0)
+        pre = milp.pre_bounds(g, x0, box, "crown")
+        prob = milp.problem(g, x0, box, pre, 0)
+    n = prob.enc.n
+    rows, his = [], []
+    for i in range(C.shape[0]):
+        obj, const = prob.enc.linear(g.output, C[i])
+        rows.append(np.append(obj, -1.0))
+        his.append(d[i] - const)
+    prob.A = sp.vstack([sp.hstack([prob.A, sp.csr_matrix((prob.A.shape[0], 1))]), sp.csr_matrix(np.array(rows))],
+                       format="csr")
+    prob.lo = np.concatenate([prob.lo, np.full(len(his), -np.inf)])
+    prob.hi = np.concatenate([prob.hi, his])
+    prob.lb, prob.ub = np.append(prob.lb, -np.inf), np.append(prob.ub, np.inf)
+    prob.integ = np.append(prob.integ, 0)
+    r = prob.solve(np.eye(n + 1)[n], 0.0, time_limit=max(clock.left(), 0.05))
+    if r["bound"] is not None and r["bound"] > TOL * (1 + float(np.abs(d).max(initial=0))):
+        return "unsat"
+    if r["v"] is not None and r["value"] is not None and r["value"] <= 0:
+        a = p.check(p.to_x(torch.as_tensor(prob.enc.point(np.asarray(r["v"])[:n]))))
+        if a is not None:
+            return a
+    return None
+
+
 def _complete(p: _Problem, conjs, method, clock) -> Answer | None:
     """Exact search on the open conjunctions; an Answer (sat/timeout/unknown) or None when all are refuted."""
     from certlab.verify.complete import verify_complete
 
     single = [k for k in conjs if p.region.conjunctions[k][0].shape[0] == 1]
     multi = [k for k in conjs if k not in single]
-    t0 = torch.zeros(1, p.n, dtype=torch.float64)
+    from certlab.threat import Box
+
+    t0, box = p.centre(), Box(p.tlo, p.thi)
     jobs = []
     if single:
         C, d, _ = p.rows(single)
         jobs.append((C, d, True))
-    for k in multi:  # sufficient only: any row proven refutes the conjunction
+    for k in multi:
         C, d = p.region.conjunctions[k]
-        jobs.append((C, d, False))
+        if method == "milp":  # exact
+            a = _milp_conjunction(p, C, d, clock)
+            if isinstance(a, Answer):
+                return a
+            if a is None:
+                return Answer("timeout" if clock.left() <= 0.05 else "unknown")
+            continue
+        jobs.append((C, d, False))  # branch and bound per row: sufficient only (any row proven refutes it)
     undecided = False
     for C, d, exact in jobs:
         if exact:
@@ -208,7 +268,7 @@ def _complete(p: _Problem, conjs, method, clock) -> Answer | None:
                 return Answer("timeout")
             g = _wrapped(p.net, Ci, di)
             clock.say(f"{method}: {Ci.shape[0]} constraint(s), {left:.1f}s left")
-            r = verify_complete(g, t0, torch.zeros(1, dtype=torch.long), LinfBall(1.0, domain=None), method,
+            r = verify_complete(g, t0, torch.zeros(1, dtype=torch.long), box, method,
                                 timeout=max(left, 0.05))[0]
             if r.status == "verified":
                 proven = True
@@ -225,29 +285,40 @@ def _complete(p: _Problem, conjs, method, clock) -> Answer | None:
 
 
 def _split(p: _Problem, conjs, method, clock) -> Answer | None:
-    """Input splitting into cubes of t-space (2^n children per split), worst first; None when all are refuted."""
-    n = p.n
-    corners = torch.tensor(list(np.ndindex(*(2,) * n)), dtype=torch.float64) * 2 - 1  # [2^n, n]
-    queue = [(torch.zeros(n, dtype=torch.float64), 1.0)]
-    batch = max(1, 256 // (2 ** n))
-    nodes = 0
+    """Input splitting: bisect the open sub-box with the worst bound along its widest t-axis (equal widths: the
+    axis whose bisection helps the worst row most is not known in advance, so the one with the largest
+    |row gradient|·width at the centre), in batches; None when every sub-box is refuted."""
+    queue = [(p.tlo[0], p.thi[0])]
+    nodes, batch = 0, 64
+    C, d, _ = p.rows(conjs)
+    Ct = torch.as_tensor(C)
     while queue:
         if clock.left() <= 0.05:
             return Answer("timeout")
         take, queue = queue[:batch], queue[batch:]
-        kids_t = torch.cat([m + (r / 2) * corners for m, r in take])
-        kids_r = torch.cat([torch.full((2 ** n,), r / 2, dtype=torch.float64) for _, r in take])
-        nodes += kids_t.shape[0]
-        ok = p.refuted(conjs, "crown", kids_t, kids_r.numpy())  # [M, k]
+        los, his = [], []
+        for lo, hi in take:
+            mid = (lo + hi) / 2
+            t = mid.clone().unsqueeze(0).requires_grad_(True)
+            f = p.net(t)
+            (gr,) = torch.autograd.grad((f @ Ct.T).sum(), t)
+            k = int(((hi - lo) * (gr[0].abs() + 1e-12)).reshape(-1).argmax())
+            for half in (0, 1):
+                l2, h2 = lo.clone(), hi.clone()
+                (h2.view(-1) if half == 0 else l2.view(-1))[k] = mid.view(-1)[k]
+                los.append(l2)
+                his.append(h2)
+        lo, hi = torch.stack(los), torch.stack(his)
+        nodes += lo.shape[0]
+        ok, _ = p.refuted(conjs, "crown", lo, hi)
         for j in (~ok.all(1)).nonzero().flatten().tolist():
-            x = p.to_x(kids_t[j])
-            a = p.check(x)
+            a = p.check(p.to_x((lo[j] + hi[j]) / 2))
             if a is not None:
                 return a
-            if float(kids_r[j]) < 1e-7:
+            if float((hi[j] - lo[j]).max()) < 1e-9:
                 return Answer("unknown", note="a sub-box too small to split further")
-            queue.append((kids_t[j], float(kids_r[j])))
-        if nodes % (64 * 2 ** n) < batch * 2 ** n:
+            queue.append((lo[j], hi[j]))
+        if nodes % 2048 < 2 * batch:
             clock.say(f"input split: {nodes} boxes, {len(queue)} open")
     return None
 
@@ -277,7 +348,7 @@ def decide(model: nn.Module, prop: Property, shape, method: str = "auto", timeou
     for i, p in enumerate(probs):
         conjs = list(range(len(p.region.conjunctions)))
         bound = "alpha-crown" if method == "alpha-crown" else "crown"
-        ok = p.refuted(conjs, bound)[0]
+        ok = p.refuted(conjs, bound)[0][0]
         conjs = [k for k, o in zip(conjs, ok.tolist()) if not o]
         clock.say(f"region {i + 1}: {bound} refutes {int(ok.sum())}/{len(ok)} conjunction(s)")
         if not conjs:
