@@ -202,16 +202,16 @@ class _Reader:
                 continue
             else:
                 raise self.err(e, f"unsupported construct '({op}'" if op else "unsupported top-level item")
-        n = _count(self.vars, "X")
-        K = _count(self.vars, "Y")
-        if n == 0 or K == 0:
-            raise CertlabError(f"{self.path}: declares {n} inputs X_i and {K} outputs Y_j; both are needed")
         terms = [[]]
         for a in asserts:
             f = self.formula(a)
             terms = [t + u for t in terms for u in f]
             if len(terms) > MAX_TERMS:
                 raise self.err(a, f"the property has more than {MAX_TERMS} disjuncts in normal form")
+        n = _count(self.vars, "X")
+        K = _count(self.vars, "Y")
+        if n == 0 or K == 0:
+            raise CertlabError(f"{self.path}: declares {n} inputs X_i and {K} outputs Y_j; both are needed")
         regions = {}
         for t in terms:
             lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
