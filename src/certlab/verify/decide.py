@@ -285,40 +285,48 @@ def _complete(p: _Problem, conjs, method, clock) -> Answer | None:
 
 
 def _split(p: _Problem, conjs, method, clock) -> Answer | None:
-    """Input splitting: bisect the open sub-box with the worst bound along its widest t-axis (equal widths: the
-    axis whose bisection helps the worst row most is not known in advance, so the one with the largest
-    |row gradient|·width at the centre), in batches; None when every sub-box is refuted."""
-    queue = [(p.tlo[0], p.thi[0])]
-    nodes, batch = 0, 64
-    C, d, _ = p.rows(conjs)
-    Ct = torch.as_tensor(C)
+    """Input splitting: bisect every open sub-box along the t-axis with the largest |gradient|·width of its most
+    promising row (per open conjunction, the row whose lower bound is closest to refuting it), in batches; None when
+    every sub-box is refuted."""
+    C, d, own = p.rows(conjs)
+    Ct, dt = torch.as_tensor(C), torch.as_tensor(d)
+    ok, low = p.refuted(conjs, "crown")
+    queue = [(p.tlo[0], p.thi[0], low[0])]
+    nodes, batch, shown = 0, 64, 0
     while queue:
         if clock.left() <= 0.05:
             return Answer("timeout")
         take, queue = queue[:batch], queue[batch:]
-        los, his = [], []
-        for lo, hi in take:
-            mid = (lo + hi) / 2
-            t = mid.clone().unsqueeze(0).requires_grad_(True)
-            f = p.net(t)
-            (gr,) = torch.autograd.grad((f @ Ct.T).sum(), t)
-            k = int(((hi - lo) * (gr[0].abs() + 1e-12)).reshape(-1).argmax())
-            for half in (0, 1):
-                l2, h2 = lo.clone(), hi.clone()
-                (h2.view(-1) if half == 0 else l2.view(-1))[k] = mid.view(-1)[k]
-                los.append(l2)
-                his.append(h2)
-        lo, hi = torch.stack(los), torch.stack(his)
-        nodes += lo.shape[0]
-        ok, _ = p.refuted(conjs, "crown", lo, hi)
+        lo = torch.stack([a for a, _, _ in take])
+        hi = torch.stack([b for _, b, _ in take])
+        gap = torch.stack([g for _, _, g in take]) - dt  # [M, S]
+        R = torch.zeros(len(take), C.shape[1], dtype=torch.float64)
+        for k in conjs:
+            cols = torch.as_tensor(own == k)
+            best = gap[:, cols].argmax(1)
+            R += Ct[cols][best]
+        mid = ((lo + hi) / 2).requires_grad_(True)
+        (gr,) = torch.autograd.grad((p.net(mid) * R).sum(), mid)
+        score = ((hi - lo) * (gr.abs() + 1e-12)).reshape(len(take), -1)
+        k = score.argmax(1)
+        mid = mid.detach()
+        rows = torch.arange(len(take))
+        h1, l2 = hi.clone().reshape(len(take), -1), lo.clone().reshape(len(take), -1)
+        h1[rows, k] = mid.reshape(len(take), -1)[rows, k]
+        l2[rows, k] = mid.reshape(len(take), -1)[rows, k]
+        los = torch.cat([lo, l2.reshape(lo.shape)])
+        his = torch.cat([h1.reshape(hi.shape), hi])
+        nodes += los.shape[0]
+        ok, low = p.refuted(conjs, "crown", los, his)
         for j in (~ok.all(1)).nonzero().flatten().tolist():
-            a = p.check(p.to_x((lo[j] + hi[j]) / 2))
+            a = p.check(p.to_x((los[j] + his[j]) / 2))
             if a is not None:
                 return a
-            if float((hi[j] - lo[j]).max()) < 1e-9:
+            if float((his[j] - los[j]).max()) < 1e-9:
                 return Answer("unknown", note="a sub-box too small to split further")
-            queue.append((lo[j], hi[j]))
-        if nodes % 2048 < 2 * batch:
+            queue.append((los[j], his[j], low[j]))
+        if nodes >= shown + 1000:
+            shown = nodes
             clock.say(f"input split: {nodes} boxes, {len(queue)} open")
     return None
 
