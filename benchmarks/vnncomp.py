@@ -90,6 +90,7 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="only the first N instances")
     ap.add_argument("--method", default="auto")
     ap.add_argument("--out", default=None, help="results CSV (resumed)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per instance")
     args = ap.parse_args(argv)
     found = [f for f in sorted(os.listdir(args.benchmark)) if f == "instances.csv" or f.endswith("_instances.csv")]
     if not found:
@@ -102,7 +103,8 @@ def main(argv=None):
         csv_path = out + ".instances.csv"
         with open(csv_path, "w") as f:
             f.writelines(f"{a},{b},{t}\n" for a, b, t in inst)
-    rows = run_batch(csv_path, out, args.method, args.timeout, log=lambda m: print(m, file=sys.stderr, flush=True))
+    rows = run_batch(csv_path, out, args.method, args.timeout, log=lambda m: print(m, file=sys.stderr, flush=True),
+                     threads=args.threads)
     pub = read_published(args.published) if args.published else None
     print(f"benchmark {name}: {len(rows)} instances, method {args.method}, results in {out}")
     print("\n".join(table([(r[0], r[1], r[2], r[3]) for r in rows], pub)))

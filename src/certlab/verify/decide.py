@@ -120,40 +120,42 @@ class _Problem:
         return None
 
     def attack(self, conjs, restarts=8, steps=40, seed=0) -> Answer | None:
-        """PGD in t-space on max_i (c_i·f − d_i) for each conjunction in conjs."""
+        """PGD in t-space on max_i (c_i·f − d_i), every conjunction of conjs with its own restarts, in one batch."""
+        conjs = list(conjs)
+        if not conjs:
+            return None
+        if any(self.region.conjunctions[k][0].shape[0] == 0 for k in conjs):
+            return self.check(self.c)
         g = torch.Generator().manual_seed(seed)
-        for k in conjs:
+        M = max(self.region.conjunctions[k][0].shape[0] for k in conjs)
+        K = self.region.conjunctions[conjs[0]][0].shape[1]
+        Cp = torch.zeros(len(conjs), M, K, dtype=torch.float64)
+        dp = torch.full((len(conjs), M), float("inf"), dtype=torch.float64)  # padding rows never reach the max
+        for j, k in enumerate(conjs):
             C, d = self.region.conjunctions[k]
-            if C.shape[0] == 0:
-                return self.check(self.c)
-            Ct, dt = torch.as_tensor(C), torch.as_tensor(d)
-            lo, hi = self.tlo, self.thi
-            t = lo + (hi - lo) * torch.rand(restarts, *lo.shape[1:], generator=g, dtype=torch.float64)
-            t[0] = self.centre()[0]
-            step = 0.25 * (hi - lo) / 2
-            for s in range(steps):
-                t.requires_grad_(True)
-                f = self.net(t)
-                loss = (f @ Ct.T - dt).max(1).values
-                best = int(loss.argmin())
-                if float(loss[best].detach()) <= 0:
-                    a = self.check(self.to_x(t[best].detach()))
-                    if a is not None:
-                        return a
-                (gr,) = torch.autograd.grad(loss.sum(), t)
-                with torch.no_grad():
-                    t = torch.max(torch.min(t - step * gr.sign(), hi), lo)
-                if s % 10 == 9:
-                    step /= 2
-                if self.clock.left() <= 0:
-                    return None
+            Cp[j, :C.shape[0]], dp[j, :C.shape[0]] = torch.as_tensor(C), torch.as_tensor(d)
+        Cp, dp = Cp.repeat_interleave(restarts, 0), dp.repeat_interleave(restarts, 0)  # [J·R, M, K]
+        lo, hi = self.tlo, self.thi
+        N = len(conjs) * restarts
+        t = lo + (hi - lo) * torch.rand(N, *lo.shape[1:], generator=g, dtype=torch.float64)
+        t[::restarts] = self.centre()[0]
+        step = 0.25 * (hi - lo) / 2
+        loss_of = lambda f: (torch.einsum("nmk,nk->nm", Cp, f) - dp).max(1).values  # noqa: E731
+        for s in range(steps + 1):
+            t.requires_grad_(True)
+            loss = loss_of(self.net(t))
+            hits = (loss.detach() <= 0).nonzero().flatten().tolist()
+            for i in hits[:4]:
+                a = self.check(self.to_x(t[i].detach()))
+                if a is not None:
+                    return a
+            if s == steps or self.clock.left() <= 0:
+                return None
+            (gr,) = torch.autograd.grad(loss.sum(), t)
             with torch.no_grad():
-                f = self.net(t)
-                loss = (f @ Ct.T - dt).max(1).values
-                for i in loss.argsort()[:2].tolist():
-                    a = self.check(self.to_x(t[i]))
-                    if a is not None:
-                        return a
+                t = torch.max(torch.min(t - step * gr.sign(), hi), lo)
+            if s % 10 == 9:
+                step = step / 2
         return None
 
     def rows(self, conjs):

@@ -59,8 +59,12 @@ def witness_text(x, y) -> str:
     return "(" + "\n ".join(lines) + ")"
 
 
-def _child(conn, onnx_path, spec_path, method, budget):
+def _child(conn, onnx_path, spec_path, method, budget, threads=None):
     try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
         from certlab.interchange.onnx import load_onnx
         from certlab.interchange.vnnlib import read_property
         from certlab.verify.decide import decide
@@ -81,12 +85,13 @@ def _child(conn, onnx_path, spec_path, method, budget):
         conn.close()
 
 
-def verify_instance(onnx_path, spec_path, timeout=60.0, method="auto"):
+def verify_instance(onnx_path, spec_path, timeout=60.0, method="auto", threads=None):
     """(status, witness text or "", seconds, note) for one instance; the child is killed at the deadline."""
     t0 = time.perf_counter()
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, onnx_path, spec_path, method, float(timeout) - 0.3), daemon=True)
+    proc = ctx.Process(target=_child, args=(send, onnx_path, spec_path, method, float(timeout) - 0.3, threads),
+                       daemon=True)
     proc.start()
     send.close()
     msg = None
@@ -150,7 +155,7 @@ def read_instances(csv_path):
     return out
 
 
-def run_batch(csv_path, out_path, method="auto", timeout=None, log=print):
+def run_batch(csv_path, out_path, method="auto", timeout=None, log=print, threads=None):
     """Run every instance of the CSV not already in out_path; returns the rows (onnx, vnnlib, status, seconds)."""
     todo = read_instances(csv_path)
     done = {}
@@ -167,7 +172,7 @@ def run_batch(csv_path, out_path, method="auto", timeout=None, log=print):
             continue
         t = t if timeout is None else min(t, timeout)
         try:
-            status, _, took, note = verify_instance(net, spec, t, method)
+            status, _, took, note = verify_instance(net, spec, t, method, threads)
         except CertlabError as e:
             status, took, note = "error", 0.0, str(e)
         log(f"[{i + 1}/{len(todo)}] {key[0]} {key[1]}: {status} {took:.2f}s {note}".rstrip())
@@ -185,6 +190,7 @@ def register(sub):
     p.add_argument("--method", default="auto", choices=("auto", "crown", "alpha-crown", "bab", "milp"),
                    help="auto: attack, CROWN, then input splitting (few inputs) or branch and bound")
     p.add_argument("--out", default=None, help="write the answer (batch: the results CSV) here")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is much faster on a busy machine)")
     p.add_argument("--instances", default=None, help="batch form: an instances CSV (onnx,vnnlib,timeout per line)")
     p.set_defaults(func=main)
 
@@ -200,7 +206,7 @@ def main(args):
         if not os.path.exists(args.instances):
             raise CertlabError(f"instances file not found: {args.instances}")
         rows = run_batch(args.instances, args.out, args.method, args.timeout,
-                         log=lambda m: print(m, file=sys.stderr, flush=True))
+                         log=lambda m: print(m, file=sys.stderr, flush=True), threads=args.threads)
         counts = {}
         for r in rows:
             counts[r[2]] = counts.get(r[2], 0) + 1
@@ -211,7 +217,7 @@ def main(args):
     for f in (args.onnx, args.vnnlib):
         if not os.path.exists(f):
             raise CertlabError(f"file not found: {f}")
-    status, wit, took, note = verify_instance(args.onnx, args.vnnlib, args.timeout or 60.0, args.method)
+    status, wit, took, note = verify_instance(args.onnx, args.vnnlib, args.timeout or 60.0, args.method, args.threads)
     text = status + ("\n" + wit if wit else "") + "\n"
     print(f"{status} in {took:.2f}s" + (f" ({note})" if note else ""), file=sys.stderr)
     if args.out:
