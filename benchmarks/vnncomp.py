@@ -1,5 +1,5 @@
-"""Run a benchmark in VNN-COMP's layout (BENCHMARK_DIR/instances.csv or *_instances.csv: onnx,vnnlib,timeout per line, paths relative to
-it) with ``certlab verify`` and print decided counts and times per network, next to published results when given.
+"""Run a benchmark in VNN-COMP's layout (BENCHMARK_DIR/instances.csv or *_instances.csv: onnx,vnnlib,timeout per
+line, paths relative to it) with ``certlab verify`` and print decided counts and times per network, next to published results when given.
 
     python benchmarks/vnncomp.py BENCHMARK_DIR [--published RESULTS.csv] [--timeout 60] [--limit N] [--out FILE]
 
@@ -56,7 +56,8 @@ def table(rows, published=None):
         groups.setdefault(os.path.basename(onnx), []).append((_key(onnx, spec), res, float(t)))
     head = f"{'network':32} {'n':>4} {'unsat':>6} {'sat':>5} {'decided':>8} {'median s':>9}"
     if published is not None:
-        head += f" | {'pub unsat':>9} {'pub sat':>8} {'pub decided':>11} {'pub median s':>12} {'only ours':>9} {'only pub':>8}"
+        head += (f" | {'pub unsat':>9} {'pub sat':>8} {'pub decided':>11} {'pub median s':>12} {'only ours':>9} "
+                 f"{'only pub':>8}")
     lines, bad = [head], []
     every = []
     for name, items in sorted(groups.items()) + [("total", None)]:

@@ -277,7 +277,8 @@ class _Reader:
             perm = list(self.attrs(n).get("perm", range(len(src) - 1, -1, -1)))
             moved = [p for p in perm if src[p] != 1]
             if moved != sorted(moved):
-                raise CertlabError(f"Transpose '{n.name}': a permutation {perm} that reorders the data is not supported")
+                raise CertlabError(f"Transpose '{n.name}': a permutation {perm} that reorders the data is not "
+                                   "supported")
         nz = lambda sh: [d for d in sh if d != 1]  # noqa: E731
         if len(nz(dst)) <= 1 or len(dst) <= 2:
             if not self.flat.get(n.input[0], False):
@@ -356,7 +357,8 @@ class _Reader:
         if op == "BatchNormalization":
             C = c[1].size
             rank = 2 if self.flat.get(n.input[0], False) else self.rank.get(n.input[0], 4)
-            bn = nn.BatchNorm2d(C, eps=a.get("epsilon", 1e-5)) if rank == 4 else nn.BatchNorm1d(C, eps=a.get("epsilon", 1e-5))
+            eps = a.get("epsilon", 1e-5)
+            bn = nn.BatchNorm2d(C, eps=eps) if rank == 4 else nn.BatchNorm1d(C, eps=eps)
             with torch.no_grad():
                 for p, v in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), c[1:5]):
                     p.copy_(torch.as_tensor(v))
@@ -437,8 +439,8 @@ def load_onnx(path) -> nn.Sequential:
     bad = sorted({n.op_type for n in model.graph.node} - IMPORTED)
     if bad:
         first = next(n for n in model.graph.node if n.op_type == bad[0])
-        raise UnsupportedLayerError(f"{path} uses ONNX ops certlab cannot bound: {', '.join(bad)} (first: {bad[0]} node "
-                                    f"'{first.name or first.output[0]}'); supported: {', '.join(sorted(IMPORTED))}")
+        raise UnsupportedLayerError(f"{path} uses ONNX ops certlab cannot bound: {', '.join(bad)} (first: {bad[0]} "
+                                    f"node '{first.name or first.output[0]}'); supported: {', '.join(sorted(IMPORTED))}")
     r = _Reader(model)
     mods = []
     v, j = r.walk(r.input, mods)

@@ -155,7 +155,7 @@ class _Reader:
         raise self.err(e, f"unsupported construct '({op}' in a term" if op else "unsupported term")
 
     def formula(self, e):
-        """Disjunctive normal form: list of terms, each a list of (coef dict, const, line) meaning Σ coef·v + const ≤ 0."""
+        """Disjunctive normal form: a list of terms, each a list of (coef dict, const, line): Σ coef·v + const ≤ 0."""
         op = _head(e)
         if op in ("and", "or"):
             parts = [self.formula(a) for a in e[1:]]
@@ -236,7 +236,8 @@ class _Reader:
                     if const > 0:  # a false constant comparison: the term cannot hold
                         break
                 else:
-                    raise CertlabError(f"{self.path}:{ln}: unsupported construct: a constraint mixing inputs and outputs")
+                    raise CertlabError(f"{self.path}:{ln}: unsupported construct: a constraint mixing inputs and "
+                                       "outputs")
             else:
                 if (lo > hi).any():
                     continue  # an empty box: the term cannot hold

@@ -18,6 +18,7 @@ network before it is returned.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -340,7 +341,7 @@ def decide(model: nn.Module, prop: Property, shape, method: str = "auto", timeou
     if int(np.prod(shape)) != prop.n_inputs:
         raise CertlabError(f"the property has {prop.n_inputs} inputs, the network takes {int(np.prod(shape))}")
     clock = _Clock(timeout, log)
-    model = model.double().eval()
+    model = copy.deepcopy(model).double().eval()  # the caller's model is left as it is
     with torch.no_grad():
         K = model(torch.zeros(1, *shape, dtype=torch.float64)).numel()
     if K != prop.n_outputs:
