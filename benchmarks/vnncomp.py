@@ -1,7 +1,8 @@
 """Run a benchmark in VNN-COMP's layout (BENCHMARK_DIR/instances.csv or *_instances.csv: onnx,vnnlib,timeout per
 line, paths relative to it) with ``certlab verify`` and print decided counts and times per network, next to published results when given.
 
-    python benchmarks/vnncomp.py BENCHMARK_DIR [--published RESULTS.csv] [--timeout 60] [--limit N] [--out FILE]
+    python benchmarks/vnncomp.py BENCHMARK_DIR [--published RESULTS.csv] [--timeout 60] [--limit N] [--match TEXT]
+        [--threads 1] [--out FILE]
 
 The results CSV (default: results_<benchmark>.csv in the working directory) is resumed: instances already in it are
 not run again. ``--published`` reads a VNN-COMP results CSV (any row naming an .onnx, a .vnnlib and a result among
@@ -88,7 +89,8 @@ def main(argv=None):
     ap.add_argument("benchmark", help="folder with instances.csv (VNN-COMP layout)")
     ap.add_argument("--published", default=None, help="a VNN-COMP results CSV to compare with")
     ap.add_argument("--timeout", type=float, default=None, help="cap on each instance's timeout (seconds)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N instances")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N instances (after --match)")
+    ap.add_argument("--match", default=None, help="only instances whose onnx or vnnlib path contains this text")
     ap.add_argument("--method", default="auto")
     ap.add_argument("--out", default=None, help="results CSV (resumed)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per instance")
@@ -99,8 +101,8 @@ def main(argv=None):
     csv_path = os.path.join(args.benchmark, found[0])
     name = os.path.basename(os.path.normpath(args.benchmark))
     out = args.out or f"results_{name}.csv"
-    if args.limit is not None:  # a CSV of the first N instances, next to the results (paths made absolute)
-        inst = read_instances(csv_path)[:args.limit]
+    if args.limit is not None or args.match:  # a CSV of the chosen instances next to the results (absolute paths)
+        inst = [i for i in read_instances(csv_path) if not args.match or args.match in i[0] + i[1]][:args.limit]
         csv_path = out + ".instances.csv"
         with open(csv_path, "w") as f:
             f.writelines(f"{a},{b},{t}\n" for a, b, t in inst)
