@@ -132,3 +132,26 @@ def test_verify_command_errors_and_deadline(tmp_path, capsys):
     t0 = time.perf_counter()
     status, _, took, _ = verify_instance(str(tmp_path / "big.onnx"), str(tmp_path / "big.vnnlib"), 1.0, "milp")
     assert time.perf_counter() - t0 <= 2.0 and status in ("timeout", "unsat", "sat", "unknown")
+
+
+def test_convolutional_network_on_a_per_pixel_box():
+    """A network starting with a convolution takes the box as a certlab.Box; bab and crown agree with the MILP."""
+    torch.manual_seed(5)
+    model = nn.Sequential(certlab.nn.Normalize([0.4], [0.3]), nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(27, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0.2, 0.8, size=9)
+    with torch.no_grad():
+        y = int(model(torch.as_tensor(x, dtype=torch.float32).reshape(1, 1, 3, 3)).argmax())
+    from certlab.verify.property import robustness
+
+    seen = set()
+    for scale in (0.01, 0.3, 1.0):
+        w = scale * rng.uniform(0.2, 1.0, size=9)
+        prop = robustness(x - w, x + w, y, 3)
+        truth = decide(model, prop, (1, 3, 3), "milp", 20).status
+        assert truth in ("sat", "unsat")
+        seen.add(truth)
+        assert decide(model, prop, (1, 3, 3), "bab", 20).status == truth
+        assert decide(model, prop, (1, 3, 3), "crown", 20).status in (truth, "unknown")
+    assert seen == {"sat", "unsat"}
