@@ -13,6 +13,7 @@ the CSV, appends one line per instance to the results CSV and skips the instance
 from __future__ import annotations
 
 import csv
+import io
 import multiprocessing as mp
 import os
 import sys
@@ -177,7 +178,9 @@ def run_batch(csv_path, out_path, method="auto", timeout=None, log=print, thread
             status, took, note = "error", 0.0, str(e)
         log(f"[{i + 1}/{len(todo)}] {key[0]} {key[1]}: {status} {took:.2f}s {note}".rstrip())
         rows.append([key[0], key[1], status, f"{took:.3f}"])
-        _write(out_path, "onnx,vnnlib,result,time\n" + "".join(",".join(r) + "\n" for r in rows))
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([["onnx", "vnnlib", "result", "time"], *rows])
+        _write(out_path, buf.getvalue())
     return rows
 
 
