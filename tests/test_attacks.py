@@ -285,7 +285,7 @@ def test_apgd_checkpoint_schedule():
     assert checkpoints(1) == []
 
 
-@pytest.mark.parametrize("kind", ["linf", "l2", "segments"])
+@pytest.mark.parametrize("kind", ["linf", "l2", "segments", "box"])
 def test_attack_never_beats_sound_lower_bound(kind):
     """Cross-check with the bound engine: attacked margins ≥ CROWN lower bounds (else a bug in one of them)."""
     import certlab
@@ -295,7 +295,8 @@ def test_attack_never_beats_sound_lower_bound(kind):
     x = torch.rand(10, 6)
     y = model(x).argmax(1).detach()
     threat = {"linf": LinfBall(torch.linspace(0.0, 0.2, 10)), "l2": L2Ball(0.3),
-              "segments": SegmentUnion(torch.randn(3, 6), 0.5, domain=(0.0, 1.0))}[kind]
+              "segments": SegmentUnion(torch.randn(3, 6), 0.5, domain=(0.0, 1.0)),
+              "box": certlab.Box(x - 0.2 * torch.rand(10, 6), x + 0.1 * torch.rand(10, 6))}[kind]
     lb = certlab.margins(model, x, y, threat, method="crown")  # [B, K], column y = 0
     lb = lb.scatter(1, y.view(-1, 1), float("inf")).min(1).values
     err = A.robust_error(model, x, y, threat, attacks=("apgd-ce", "apgd-t"), steps=30)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import certlab
-from certlab.bounds.core import relu_bounds
+from certlab.bounds.engine import relu_bounds
 from certlab.verify.milp import exact_bounds
 
 TOL = 1e-5

@@ -89,3 +89,30 @@ def test_box_in_training_objectives():
         lo.sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         model.zero_grad()
+
+
+
+@pytest.mark.parametrize("objective", ["pgd", "trades", "certified"])
+def test_training_objectives_take_a_box(objective):
+    from types import SimpleNamespace
+
+    from certlab.train.config import TrainConfig
+    from certlab.train.objectives import OBJECTIVES
+
+    model = mlp(6, (4, 8, 3)).train()
+    x = torch.rand(5, 4)
+    y = torch.randint(0, 3, (5,))
+    box = _box(x, 4)
+    cfg = TrainConfig(objective=objective, relaxation="crown-ibp", attack_steps=3)
+    ctx = SimpleNamespace(cfg=cfg, eps=0.1, beta=0.5, kappa=0.5, seed=0, t=1.0, threat=lambda xb: box)
+    loss, stats = OBJECTIVES[objective](model, x, y, ctx)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_float64_box_is_rounded_outwards_for_float32_inputs():
+    lo64 = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64)
+    hi64 = lo64 + 1e-3
+    box = certlab.Box(lo64, hi64)
+    lo, hi = box.interval_hull(lo64.float() + 5e-4)
+    assert (lo.double() <= lo64).all() and (hi.double() >= hi64).all()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import certlab
-from certlab.bounds import rounding
+from certlab.bounds import engine, rounding
 from certlab.verify.radius import certified_radius
 
 METHODS = ("ibp", "hbox", "deepz", "fastlin", "crown", "crown-ibp", "alpha-crown")
@@ -276,7 +276,7 @@ def _check_entry_points(monkeypatch, switches, reduced):
         "bounds": lambda: [certlab.bounds(model, x, th, method=m) for m in ("ibp", "crown", "alpha-crown")],
         "margins": lambda: certlab.margins(model, x, y, th, method="crown-ibp"),
         "certify": lambda: certlab.certify(model, x, y, th, method="fastlin"),
-        "relu_bounds": lambda: core.relu_bounds(model, x, th, "crown"),
+        "relu_bounds": lambda: engine.relu_bounds(model, x, th, "crown"),
         "report radii": lambda: _radius(model, x, y, th, "crown-ibp", 0.1),
         "settle": lambda: rounding.settle(model, x, y, th, "crown", torch.full((3, 3), 1e-7)),  # all rechecked
         **{v: (lambda v=v: verify_complete(model, x[:1], y[:1], wide, method=v, timeout=20))

@@ -19,10 +19,12 @@ def _sets(x):
         certlab.SegmentUnion(d, 0.5),
         certlab.SegmentUnion(d, 0.5, domain=(0, 1)),
         certlab.SegmentUnion(per, torch.linspace(0.1, 0.6, x.shape[0]), domain=(0, 1)),
+        certlab.Box(x - 0.3 * torch.rand(x.shape, generator=g), x + 0.2 * torch.rand(x.shape, generator=g)),
+        certlab.Box(x - 0.3, x + 0.1, domain=(0, 1)),
     ]
 
 
-@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("i", range(9))
 def test_concretize_contains_samples_and_is_tight(i):
     torch.manual_seed(0)
     x = torch.rand(5, 6)
@@ -60,7 +62,7 @@ def test_segment_support_function():
     assert lo.item() == pytest.approx(-6.0) and hi.item() == pytest.approx(6.0)  # max_j |a·d_j| ε = 3·2
 
 
-@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("i", range(9))
 def test_project_lands_in_set_and_is_nearest(i):
     torch.manual_seed(2)
     x = torch.rand(5, 6)
@@ -130,3 +132,30 @@ def test_centre_radius_is_the_interval_hull(make, grad):
         (g,) = torch.autograd.grad((c + r).sum(), x)
         hi_free = (x0 + threat.eps_view(x0)) < threat.domain[1] if threat.domain else torch.ones_like(x0, dtype=torch.bool)
         torch.testing.assert_close(g, hi_free.float())
+
+
+def _zero_row_nets():
+    """A first-layer neuron with an all-zero weight row, and a convolution whose corner outputs read only padding."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        dense[0].weight[2].zero_()
+    conv = nn.Sequential(nn.Conv2d(1, 2, 1, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    return [(dense, torch.rand(2, 4)), (conv, torch.rand(2, 1, 4, 4))]
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_l2_bound_gradients_are_finite(eps):
+    """The derivative of √· at 0 (a zero row norm) must not turn the gradient of an ℓ2 bound into NaN."""
+    for model, x in _zero_row_nets():
+        x = x.clone().requires_grad_(True)
+        e = torch.tensor(eps, requires_grad=True)
+        for m in ("ibp", "fastlin", "crown", "crown-ibp", "alpha-crown"):
+            b = certlab.bounds(model, x, certlab.L2Ball(e.expand(x.shape[0]), domain=None), method=m)
+            model.zero_grad()
+            (b.lower.sum() - b.upper.sum()).backward()
+            grads = [p.grad for p in model.parameters()] + [x.grad, e.grad]
+            assert all(torch.isfinite(g).all() for g in grads if g is not None), f"{m}: NaN gradient at eps={eps}"
+            x.grad = e.grad = None

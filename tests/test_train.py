@@ -215,7 +215,7 @@ def test_fast_ibp_regularisers_are_differentiable_and_sane():
     x, y, info = _toy(64)
     model = _mlp(x.shape[1])
     th = L2Ball(0.3, domain=None)
-    relus = certlab.bounds.core.relu_bounds(model, x, th, "ibp")
+    relus = certlab.bounds.relu_bounds(model, x, th, "ibp")
     tight, bal = fast_ibp_regularisers(relus, th, x)
     assert 0 <= float(tight.detach()) <= 1 and 0 <= float(bal.detach()) <= 1
     (tight + bal).backward()
@@ -224,7 +224,7 @@ def test_fast_ibp_regularisers_are_differentiable_and_sane():
     dead = _mlp(x.shape[1])
     with torch.no_grad():
         dead[0].bias.fill_(-100.0)
-    relus = certlab.bounds.core.relu_bounds(dead, x, th, "ibp")
+    relus = certlab.bounds.relu_bounds(dead, x, th, "ibp")
     assert float(fast_ibp_regularisers(relus, th, x)[1].detach()) == pytest.approx(1.0)
     # warm-up training with the regulariser switched on runs and reports the terms
     cfg = TrainConfig(dataset="linsep", objective="certified", eps=0.3, fast_ibp_reg=True, eps_ramp_epochs=10)

@@ -19,7 +19,7 @@ import torch
 
 from certlab.bounds import certify as _certify
 from certlab.bounds import resolve_method
-from certlab.bounds.core import relu_bounds
+from certlab.bounds.engine import relu_bounds
 from certlab.errors import CertlabError
 from certlab.threat import ThreatSet
 

@@ -76,9 +76,9 @@ def _check_domain(domain):
 
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
-    """sqrt(max(v, 0)) with a finite gradient everywhere (0 at v ≤ 0, where the true derivative is infinite)."""
-    pos = v > 0
-    return torch.where(pos, v.clamp_min(1e-30).sqrt(), torch.zeros_like(v))
+    """sqrt(max(v, tiny)): at most √tiny (1e-19 in float32) above sqrt(max(v, 0)), so still an upper bound, with a
+    finite gradient everywhere (0 below tiny; the derivative of √· at 0 is infinite and made NaN gradients)."""
+    return v.clamp_min(torch.finfo(v.dtype).tiny).sqrt()
 
 
 class _Prefix:
@@ -402,11 +402,19 @@ class Box(_BoxSet):
         self.domain = _check_domain(domain)
         dt = lambda t: t if t.dtype == torch.float64 else t.float()  # noqa: E731
         self.lower, self.upper = dt(lower), dt(upper)
+        self._cast = {}
         self.eps = (self.upper - self.lower).reshape(lower.shape[0], -1).amax(1) / 2
 
     def _bounds(self, x):
-        lo = self.lower.to(device=x.device, dtype=x.dtype)
-        hi = self.upper.to(device=x.device, dtype=x.dtype)
+        key = (x.device, x.dtype)
+        if key not in self._cast:  # rounded outwards when x has less precision: the box never shrinks
+            lo, hi = self.lower.to(device=x.device, dtype=x.dtype), self.upper.to(device=x.device, dtype=x.dtype)
+            if x.dtype != self.lower.dtype:
+                inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+                lo = torch.where(lo.to(self.lower.dtype) > self.lower.to(x.device), torch.nextafter(lo, -inf), lo)
+                hi = torch.where(hi.to(self.upper.dtype) < self.upper.to(x.device), torch.nextafter(hi, inf), hi)
+            self._cast = {key: (lo, hi)}
+        lo, hi = self._cast[key]
         if lo.shape[1:] != x.shape[1:] or lo.shape[0] not in (1, x.shape[0]):
             raise InputError(f"Box bounds have shape {tuple(lo.shape)} but x has {tuple(x.shape)}")
         return lo.expand(x.shape), hi.expand(x.shape)

@@ -29,7 +29,7 @@ def check_inputs(model, x, y, threat) -> None:
     if not callable(model):
         raise InputError(f"model must be a callable (torch.nn.Module), got {type(model).__name__}")
     if not isinstance(threat, ThreatSet):
-        raise InputError("threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion), "
+        raise InputError("threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion, Box), "
                          f"got {type(threat).__name__}")
     threat.validate(x)
     if not isinstance(y, torch.Tensor):

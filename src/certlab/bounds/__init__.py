@@ -7,8 +7,10 @@
 import sys
 import types
 
-from certlab.bounds.api import METHODS, Bounds, bounds as _bounds, certify, margins, resolve_method  # noqa: F401
-from certlab.bounds.core import build_graph, relu_bounds  # noqa: F401
+from certlab.bounds.api import (  # noqa: F401
+    METHODS, Bounds, bounds as _bounds, certify, margins, relu_bounds, resolve_method,
+)
+from certlab.bounds.core import build_graph  # noqa: F401
 
 
 class _CallableModule(types.ModuleType):

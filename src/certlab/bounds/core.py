@@ -315,7 +315,8 @@ def build_graph(model: nn.Module, x: torch.Tensor, full: bool = False) -> Graph:
 
 def validate(model, x, threat) -> None:
     if not isinstance(threat, ThreatSet):
-        raise InputError(f"threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion), got {type(threat).__name__}")
+        raise InputError("threat must be a certlab.threat set (LinfBall, L2Ball, SegmentUnion, Box), "
+                         f"got {type(threat).__name__}")
     threat.validate(x)
 
 
@@ -366,14 +367,3 @@ def check_labels(y, B: int, K: int, device) -> torch.Tensor:
 def margin_spec(y: torch.Tensor, K: int, dtype) -> torch.Tensor:
     """C [B, K, K] with row j = e_y − e_j (row y is zero), so C·f gives the margins f_y − f_j."""
     return margin_table(y, K, dtype).dense()
-
-
-@float32_exact
-def relu_bounds(model, x, threat, method: str = "crown", **opts):
-    """Pre-activation bounds (lower, upper) of every ReLU of ``model`` in order, each [B, *shape]."""
-    from certlab.bounds.api import intermediate_bounds  # local: the API imports this module
-
-    validate(model, x, threat)
-    g = build_graph(model, x)
-    lb = intermediate_bounds(g, x, threat, method, **opts)
-    return [lb[i] for i in g.relus]

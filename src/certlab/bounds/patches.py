@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from certlab.bounds.ops import ChannelAffineOp, ConvOp
+from certlab.bounds.relu import relu_lines
 
 
 def chain(g, start):
@@ -190,8 +191,6 @@ def _back(g, start, path, P, rows, cols, pre, x, threat, lower, upper=False):
     """Back-substitution of the patches P ([B, S, C0, 1, 1] per row, or [1, 1, R, C0, 1, 1] shared rows at the [1, Q]
     positions of grouped mode) from conv node ``start`` to the input. Returns [B, S] (or [B, Q, R]); with ``upper``
     (parallel lines only) (lower, upper)."""
-    from certlab.bounds.backsub import relu_lines
-
     if upper and lower != "parallel":
         raise ValueError("one-pass lower and upper bounds need parallel ReLU lines")
     grouped = P.dim() == 6

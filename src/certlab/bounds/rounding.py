@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from certlab.bounds import core
+from certlab.bounds.engine import margins
 
 REL = 1e-5
 
@@ -96,8 +97,6 @@ def settle(model, x, y, threat, method, m, opts=None, twin: Float64Twin | None =
     margin too small for it becomes 0, not certified)."""
     if x.dtype == torch.float64 or m.numel() == 0:
         return m
-    from certlab.bounds.api import margins  # local: the API imports this module
-
     B, K = m.shape
     y = y.to(device=m.device, dtype=torch.long)
     own = torch.nn.functional.one_hot(y, K).bool()

@@ -28,7 +28,7 @@ import torch
 from certlab import attacks as atk
 from certlab import models
 from certlab.bounds import certify as _certify
-from certlab.bounds.core import relu_bounds
+from certlab.bounds.engine import relu_bounds
 from certlab.errors import CertlabError
 from certlab.train import checkpoint as ckpt
 from certlab.train import schedules

@@ -27,7 +27,7 @@ from certlab.attacks.api import run_with_clean_logits
 from certlab.attacks.base import eval_mode
 from certlab.attacks.kernels import input_grad, recording
 from certlab.bounds import core
-from certlab.bounds.api import fold_spec
+from certlab.bounds.api import fold_spec, relu_bounds
 from certlab.bounds.spec import margin_table
 from certlab.bounds.ibp import interval_pass
 from certlab.train import schedules
@@ -72,7 +72,8 @@ def pgd(model, x, y, ctx):
     cfg = ctx.cfg
     if ctx.eps > 0:
         threat = ctx.threat(x)
-        opts = {} if cfg.attack_step is None or not threat.gradient_attacks else {"step_size": cfg.attack_step * ctx.eps}
+        fixed_step = cfg.attack_step is not None and threat.gradient_attacks
+        opts = {"step_size": cfg.attack_step * ctx.eps} if fixed_step else {}
         x_adv, z_clean = run_with_clean_logits(model, x, y, threat, method=cfg.attack, steps=cfg.attack_steps,
                                                restarts=cfg.attack_restarts, seed=ctx.seed, **opts)
     else:
@@ -147,7 +148,7 @@ def _margins_and_relus(model, x, y, threat, relaxation, need_relus, want_logits,
         m = low.masked_fill(F.one_hot(yy, K).bool(), 0.0)
         return m, ([pre[i] for i in gs.relus] if need_relus else None), (g.output_value if full else None)
     m = certlab.margins(model, x, y, threat, method=relaxation, **opts)
-    rel = core.relu_bounds(model, x, threat, "ibp") if need_relus else None
+    rel = relu_bounds(model, x, threat, "ibp") if need_relus else None
     return m, rel, None
 
 

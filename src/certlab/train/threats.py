@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from certlab import data as cdata
-from certlab.errors import CertlabError, InputError
-from certlab.train.config import SEGMENT_DIRS
 from certlab import threat as _threat
+from certlab.errors import CertlabError, InputError
 from certlab.threat import ThreatSet
+from certlab.train.config import SEGMENT_DIRS
 
 
 class ThreatMaker:

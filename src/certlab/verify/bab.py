@@ -34,7 +34,7 @@ from certlab.bounds.ops import LinearOp
 from certlab.errors import CertlabError, InputError
 from certlab.verify.encode import dense_ops
 from certlab.verify.milp import TOL, decision_tols, problem
-from certlab.verify.result import Result, check_counterexample
+from certlab.verify.result import Result, attack_subset, check_counterexample
 
 BUDGET = 3e7  # floats per back-substitution chunk (memory cap)
 
@@ -398,7 +398,6 @@ def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, 
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from certlab.bounds.api import certify
-    from certlab.verify.complete import attack_subset
 
     with eval_mode(model), torch.no_grad():
         K = core.output_dim(core.build_graph(model, x[:1]))

@@ -15,7 +15,7 @@ import torch
 
 from certlab.bounds.api import METHODS, certify, resolve_method
 from certlab.errors import InputError
-from certlab.verify.result import Result, check_counterexample
+from certlab.verify.result import Result, attack_subset  # noqa: F401 (attack_subset: also complete.attack_subset)
 
 COMPLETE = ("bab", "milp", "lp")
 
@@ -70,20 +70,3 @@ def verify_any(model, x, y, threat, method: str = "crown", timeout: float = 30.0
 
 
 ALL_METHODS = COMPLETE + METHODS
-
-
-def attack_subset(model, x, y, threat, idx, attacks=("apgd-ce", "apgd-t")) -> dict:
-    """{i: checked counterexample} for the samples i in ``idx`` that an attack of ``attacks`` fools."""
-    from certlab.attacks import robust_error
-
-    found = {}
-    if idx.numel() == 0:
-        return found
-    err, adv = robust_error(model, x[idx], y[idx], threat.subset(x, idx), attacks=attacks, return_adv=True)
-    for n, i in enumerate(idx.tolist()):
-        if err[n]:
-            one = torch.tensor([i], device=x.device)
-            z = check_counterexample(model, x[one], y[one], threat.subset(x, one), 0, adv[n])
-            if z is not None:
-                found[i] = z
-    return found

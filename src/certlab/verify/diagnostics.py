@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from certlab.attacks.base import eval_mode
 from certlab.bounds.api import bounds, margins, resolve_method
-from certlab.bounds.core import relu_bounds
+from certlab.bounds.engine import relu_bounds
 from certlab.bounds.rounding import settle
 from certlab.errors import InputError
 from certlab.threat import ThreatSet

@@ -1,4 +1,4 @@
-"""The answer of a complete verifier for one sample."""
+"""The answer of a complete verifier for one sample, and the counterexamples behind a "falsified"."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from certlab.attacks.api import robust_error
 from certlab.attacks.base import eval_mode
 
 STATUSES = ("verified", "falsified", "unknown")
@@ -46,3 +47,18 @@ def check_counterexample(model, x, y, threat, b: int, z: torch.Tensor) -> torch.
     if int(out.argmax(1)[0]) != int(y[b]):
         return z[0].detach()
     return None
+
+
+def attack_subset(model, x, y, threat, idx, attacks=("apgd-ce", "apgd-t")) -> dict:
+    """{i: checked counterexample} for the samples i in ``idx`` that an attack of ``attacks`` fools."""
+    found = {}
+    if idx.numel() == 0:
+        return found
+    err, adv = robust_error(model, x[idx], y[idx], threat.subset(x, idx), attacks=attacks, return_adv=True)
+    for n, i in enumerate(idx.tolist()):
+        if err[n]:
+            one = torch.tensor([i], device=x.device)
+            z = check_counterexample(model, x[one], y[one], threat.subset(x, one), 0, adv[n])
+            if z is not None:
+                found[i] = z
+    return found
