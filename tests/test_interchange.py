@@ -139,3 +139,93 @@ def test_export_cli(tmp_path):
         assert (_run(out, x) - model(x)).abs().max() <= 1e-6
     assert read_vnnlib(prop)[0].shape == (4,)
     assert main(["export", str(run)]) == 2
+
+
+def _graph(tmp_path, nodes, inits, in_shape, out_shape, name="g.onnx"):
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.asarray(v, dtype=np.int64 if k.startswith("shape") or k.startswith("ax")
+                                                else np.float32), k) for k, v in inits.items()]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, tmp_path / name)
+    return tmp_path / name
+
+
+def _agree(path, shape, n=5, atol=1e-5):
+    net = load_onnx(path)
+    x = torch.rand(1 if shape[0] == 1 else n, *shape[1:]) * 2 - 1
+    with torch.no_grad():
+        assert (net(x).reshape(x.shape[0], -1) - _run(path, x).reshape(x.shape[0], -1)).abs().max() <= atol
+    return net
+
+
+def test_import_acas_like_broadcast_constants(tmp_path, recwarn):
+    """Input [1,1,1,5]; per-feature Sub/Div (one of them by a constant holding 0 in a Mul), MatMul with the constant
+    first and second, Squeeze/Unsqueeze/Transpose that only move unit axes; checked against ONNX Runtime."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    inits = {"m": rng.normal(size=(1, 1, 1, 5)), "s": rng.uniform(0.5, 2, size=5), "z": [1.0, 0.0, 2.0, -1.0, 0.5],
+             "W1": rng.normal(size=(5, 8)), "b1": rng.normal(size=8), "W2": rng.normal(size=(3, 8)),
+             "b2": rng.normal(size=(3, 1)), "ax0": [0], "ax2": [2]}
+    nodes = [helper.make_node("Sub", ["x", "m"], ["a"]), helper.make_node("Div", ["a", "s"], ["b"]),
+             helper.make_node("Mul", ["b", "z"], ["c"]), helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 1, 3]),
+             helper.make_node("Squeeze", ["t", "ax0"], ["q"]), helper.make_node("Flatten", ["q"], ["f"], axis=1),
+             helper.make_node("MatMul", ["f", "W1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("Transpose", ["r"], ["rc"], perm=[1, 0]),
+             helper.make_node("MatMul", ["W2", "rc"], ["o"]), helper.make_node("Add", ["o", "b2"], ["ob"]),
+             helper.make_node("Transpose", ["ob"], ["y"], perm=[1, 0])]
+    path = _graph(tmp_path, nodes, inits, [1, 1, 1, 5], [1, 3])
+    net = _agree(path, (1, 1, 1, 5))
+    assert not [w for w in recwarn if "divide" in str(w.message)]
+    x = torch.rand(1, 1, 1, 5)
+    b = certlab.bounds(net, x, certlab.LinfBall(0.1, domain=None), "crown")
+    assert (b.lower <= net(x)).all() and (net(x) <= b.upper).all()
+
+
+def test_import_zero_pad_folds_into_conv(tmp_path):
+    from onnx import helper
+
+    rng = np.random.default_rng(1)
+    inits = {"pads": [0, 0, 1, 2, 0, 0, 1, 2], "W": rng.normal(size=(2, 1, 3, 3)), "Wf": rng.normal(size=(48, 2)),
+             "nm": rng.normal(size=(1, 1, 4, 4)), "one": [1.0]}
+    inits["pads"] = np.array(inits["pads"])
+    nodes = [helper.make_node("Sub", ["x", "nm"], ["xn"]), helper.make_node("Pad", ["xn", "shape_pads"], ["p"]),
+             helper.make_node("Conv", ["p", "W"], ["c"], kernel_shape=[3, 3]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("MatMul", ["f", "Wf"], ["y"])]
+    inits["shape_pads"] = inits.pop("pads")
+    inits.pop("one")
+    # a per-pixel Sub before a Conv cannot be folded into a Linear: a one-line error naming the node
+    path = _graph(tmp_path, nodes, inits, ["N", 1, 4, 4], ["N", 2])
+    with pytest.raises(UnsupportedLayerError, match="Sub 'node_sub'|Sub ''"):
+        load_onnx(path)
+    nodes[0] = helper.make_node("Sub", ["x", "one"], ["xn"])
+    inits["one"] = [0.25]
+    inits.pop("nm")
+    path = _graph(tmp_path, nodes, inits, ["N", 1, 4, 4], ["N", 2], "pad.onnx")
+    net = _agree(path, (5, 1, 4, 4))
+    assert net[1].padding == (1, 2)
+
+
+def test_import_errors_name_operator_and_node(tmp_path):
+    from onnx import helper
+
+    nodes = [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], name="pool7")]
+    path = _graph(tmp_path, nodes, {}, ["N", 1, 4, 4], ["N", 1, 2, 2])
+    with pytest.raises(UnsupportedLayerError, match="MaxPool node 'pool7'") as e:
+        load_onnx(path)
+    assert "\n" not in str(e.value)
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]), helper.make_node("Flatten", ["t"], ["f"]),
+             helper.make_node("MatMul", ["f", "W"], ["y"], name="mm")]
+    path = _graph(tmp_path, nodes, {"W": rng.normal(size=(6, 2))}, ["N", 2, 3], ["N", 2], "perm.onnx")
+    with pytest.raises(CertlabError, match="Transpose"):
+        load_onnx(path)
+    nodes = [helper.make_node("Div", ["x", "z"], ["y"], name="d0")]
+    path = _graph(tmp_path, nodes, {"z": [1.0, 0.0]}, ["N", 2], ["N", 2], "div.onnx")
+    with pytest.raises(CertlabError, match="Div 'd0'.*contains 0"):
+        load_onnx(path)

@@ -17,6 +17,7 @@ COMMANDS = {
     "certify": "certlab.verify.cli",
     "diagnose": "certlab.verify.cli",
     "export": "certlab.verify.cli",
+    "verify": "certlab.verify.vnncomp",
     "sweep": "certlab.experiments.cli",
     "report": "certlab.experiments.cli",
 }

@@ -1,10 +1,16 @@
 """ONNX export and import of the networks certlab can bound, written with the ``onnx`` helper API (no torch
 exporter, works offline).
 
-Layer ↔ op: Linear ↔ Gemm (also MatMul [+ Add] on import), Conv2d ↔ Conv, ReLU ↔ Relu, Flatten ↔ Flatten (also a
-2-D Reshape on import), BatchNorm1d/2d (eval statistics) ↔ BatchNormalization, AvgPool2d ↔ AveragePool,
-certlab.nn.Normalize ↔ Sub + Div by per-channel constants (Sub/Div/Mul/Add by a constant on import), Residual ↔ Add
-of two branches of one value; Identity, Dropout are dropped on export and skipped on import.
+Layer ↔ op: Linear ↔ Gemm (also MatMul [+ Add] on import, the constant on either side), Conv2d ↔ Conv,
+ReLU ↔ Relu, Flatten ↔ Flatten, BatchNorm1d/2d (eval statistics) ↔ BatchNormalization, AvgPool2d ↔ AveragePool,
+certlab.nn.Normalize ↔ Sub + Div by per-channel constants, Residual ↔ Add of two branches of one value; Identity,
+Dropout are dropped on export and skipped on import.
+
+On import, Sub/Div/Mul/Add by a constant of any broadcast shape become an elementwise affine map ``a ⊙ x + b``: a
+per-channel (or per-feature) one with ``a > 0`` is a Normalize layer, any other is folded into the neighbouring
+Linear layer (``W(a ⊙ x + b) = (W diag a) x + W b``). Reshape/Flatten/Squeeze/Unsqueeze/Transpose that keep the
+order of the non-unit axes are layout only (a Flatten where the result is a vector); a zero constant Pad is folded
+into the following convolution's padding.
 The model input is named "input" with a dynamic batch dimension, the output "output".
 """
 
@@ -21,7 +27,8 @@ from certlab.errors import CertlabError, UnsupportedLayerError
 
 OPSET = 17
 IMPORTED = {"Gemm", "MatMul", "Conv", "Relu", "Flatten", "Reshape", "BatchNormalization", "AveragePool", "Sub",
-            "Div", "Mul", "Add", "Identity", "Dropout", "Constant"}
+            "Div", "Mul", "Add", "Identity", "Dropout", "Constant", "Transpose", "Squeeze", "Unsqueeze", "Pad"}
+LAYOUT = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
 
 
 def _onnx():
@@ -179,12 +186,24 @@ class _Reader:
             for v in n.input:
                 if v and v not in self.consts:
                     self.cons.setdefault(v, []).append(n)
+        self.shape, self.full, self.flat, self.pending_pad = {}, {}, {}, {}
         try:
-            inferred = onnx.shape_inference.infer_shapes(model)
-            self.rank = {vi.name: len(vi.type.tensor_type.shape.dim)
-                         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+            fixed = onnx.ModelProto()
+            fixed.CopyFrom(model)
+            for vi in fixed.graph.input:  # a symbolic batch dimension becomes 1 so every shape is known
+                dims = vi.type.tensor_type.shape.dim
+                if len(dims) and not dims[0].dim_value:
+                    dims[0].dim_value = 1
+            inferred = onnx.shape_inference.infer_shapes(fixed)
+            for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+                dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+                if dims and all(d is not None for d in dims):
+                    self.full[vi.name] = tuple(dims)
+                    self.shape[vi.name] = tuple(dims[1:])
         except Exception:  # noqa: BLE001 - shapes are a convenience
-            self.rank = {}
+            pass
+        self.rank = {v: len(sh) + 1 for v, sh in self.shape.items()}
+        self.flat[self.input] = len(self.shape.get(self.input, (0,))) <= 1
 
     def attrs(self, n):
         return {a.name: self.helper.get_attribute_value(a) for a in n.attribute}
@@ -226,6 +245,53 @@ class _Reader:
 
     def convert(self, n, mods):
         """Append the module(s) of node n; returns its output value (a MatMul may swallow the following Add)."""
+        d = self.dyn(n)
+        out = self._convert(n, mods)
+        if n.op_type in ("Conv", "AveragePool"):
+            self.flat[out] = False
+        self.flat.setdefault(out, self.flat.get(d[0], False) if d else False)
+        return out
+
+    def to_vector(self, n, v, mods, column=False):
+        """Make value v (about to enter a Linear layer) a vector per sample: a Flatten when only its last axis
+        (column: its second-last) is longer than 1."""
+        if self.flat.get(v, False):
+            return
+        shape = self.full.get(v)
+        if shape is None:
+            raise CertlabError(f"{n.op_type} '{n.name}': the shape of its input is unknown")
+        keep = len(shape) - (2 if column else 1)
+        if keep < 0 or any(d != 1 for i, d in enumerate(shape) if i != keep):
+            raise CertlabError(f"{n.op_type} '{n.name}': a product over the last axis of a {(1, *shape)} tensor is not "
+                               "supported (only vectors)")
+        mods.append(nn.Flatten())
+        self.flat[v] = True
+
+    def layout(self, n, mods):
+        """Reshape/Flatten/Squeeze/Unsqueeze/Transpose that only change the layout (see the module docstring)."""
+        op, out = n.op_type, n.output[0]
+        src, dst = self.full.get(n.input[0]), self.full.get(out)
+        if src is None or dst is None:
+            raise CertlabError(f"{op} '{n.name}': the shapes around it are unknown")
+        if op == "Transpose":
+            perm = list(self.attrs(n).get("perm", range(len(src) - 1, -1, -1)))
+            moved = [p for p in perm if src[p] != 1]
+            if moved != sorted(moved):
+                raise CertlabError(f"Transpose '{n.name}': a permutation {perm} that reorders the data is not "
+                                   "supported")
+        nz = lambda sh: [d for d in sh if d != 1]  # noqa: E731
+        if len(nz(dst)) <= 1 or len(dst) <= 2:
+            if not self.flat.get(n.input[0], False):
+                mods.append(nn.Flatten())
+            self.flat[out] = True
+        elif nz(dst) == nz(src) and not self.flat.get(n.input[0], False):
+            self.flat[out] = False
+        else:
+            raise CertlabError(f"{op} '{n.name}': a reshape from {src} to {dst} is not supported "
+                               "(only flattening and unit axes)")
+        return out
+
+    def _convert(self, n, mods):
         op, a = n.op_type, self.attrs(n)
         c = [self.consts.get(v) for v in n.input]
         out = n.output[0]
@@ -235,31 +301,47 @@ class _Reader:
             mods.append(nn.ReLU())
             return out
         if op == "Gemm":
-            if a.get("transA", 0) or c[1] is None:
+            if a.get("transA", 0) or c[1] is None or c[0] is not None:
                 raise CertlabError(f"Gemm '{n.name}': only x·Wᵀ + b with a constant W is supported")
             W = c[1] if a.get("transB", 0) else c[1].T
             W = W * a.get("alpha", 1.0)
             b = c[2] * a.get("beta", 1.0) if len(c) > 2 and c[2] is not None else np.zeros(W.shape[0])
+            self.to_vector(n, n.input[0], mods)
             mods.append(_linear(W, np.broadcast_to(b, (W.shape[0],))))
             return out
         if op == "MatMul":
-            if c[1] is None or c[1].ndim != 2:
-                raise CertlabError(f"MatMul '{n.name}': only a product with a constant matrix is supported")
-            W = c[1].T
+            if (c[0] is None) == (c[1] is None):
+                raise CertlabError(f"MatMul '{n.name}': only a product with one constant matrix is supported")
+            if c[1] is not None:  # x·M: a Linear with W = Mᵀ on the last axis
+                if c[1].ndim != 2:
+                    raise CertlabError(f"MatMul '{n.name}': the constant must be a matrix, got shape {c[1].shape}")
+                W = c[1].T
+                self.to_vector(n, n.input[0], mods)
+            else:  # M·x with x a column [k, 1] (or a vector): W = M
+                shape = self.full.get(n.input[1]) or ()
+                if c[0].ndim != 2 or (len(shape) >= 2 and shape[-1] != 1):
+                    raise CertlabError(f"MatMul '{n.name}': a constant first operand needs a column vector input")
+                W = c[0]
+                self.to_vector(n, n.input[1], mods, column=True)
             b = np.zeros(W.shape[0])
             nxt = self.cons.get(out, [])
             if len(nxt) == 1 and nxt[0].op_type == "Add" and len(self.dyn(nxt[0])) == 1:
                 bias = [self.consts[v] for v in nxt[0].input if v in self.consts][0]
-                b = np.broadcast_to(bias.reshape(-1), (W.shape[0],)) + b
-                out = nxt[0].output[0]
+                if bias.size in (1, W.shape[0]):
+                    b = np.broadcast_to(bias.reshape(-1), (W.shape[0],)) + b
+                    out = nxt[0].output[0]
             mods.append(_linear(W, b))
+            self.flat[out] = True
             return out
         if op == "Conv":
             if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 raise CertlabError(f"Conv '{n.name}': auto_pad is not supported; give explicit pads")
             W = c[1]
             k = a.get("kernel_shape", list(W.shape[2:]))
-            pads = a.get("pads", [0, 0, 0, 0])
+            pads = list(a.get("pads", [0, 0, 0, 0]))
+            extra = self.pending_pad.pop(n.name or id(n), None)
+            if extra is not None:
+                pads = [pads[0] + extra[0], pads[1] + extra[1], pads[2] + extra[2], pads[3] + extra[3]]
             if pads[0] != pads[2] or pads[1] != pads[3]:
                 raise CertlabError(f"Conv '{n.name}': asymmetric padding {pads} is not supported")
             g = a.get("group", 1)
@@ -272,21 +354,11 @@ class _Reader:
                     conv.bias.copy_(torch.as_tensor(c[2]))
             mods.append(conv)
             return out
-        if op == "Flatten":
-            if a.get("axis", 1) != 1:
-                raise CertlabError(f"Flatten '{n.name}': only axis=1 is supported")
-            mods.append(nn.Flatten())
-            return out
-        if op == "Reshape":
-            shape = c[1]
-            if shape is None or shape.size != 2 or shape[0] not in (-1, 0, 1) and shape[1] not in (-1,):
-                raise CertlabError(f"Reshape '{n.name}': only flattening to [N, features] is supported")
-            mods.append(nn.Flatten())
-            return out
         if op == "BatchNormalization":
             C = c[1].size
-            rank = self.rank.get(n.input[0], 4)
-            bn = nn.BatchNorm2d(C, eps=a.get("epsilon", 1e-5)) if rank == 4 else nn.BatchNorm1d(C, eps=a.get("epsilon", 1e-5))
+            rank = 2 if self.flat.get(n.input[0], False) else self.rank.get(n.input[0], 4)
+            eps = a.get("epsilon", 1e-5)
+            bn = nn.BatchNorm2d(C, eps=eps) if rank == 4 else nn.BatchNorm1d(C, eps=eps)
             with torch.no_grad():
                 for p, v in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), c[1:5]):
                     p.copy_(torch.as_tensor(v))
@@ -301,12 +373,46 @@ class _Reader:
             return out
         if op in ("Sub", "Div", "Mul", "Add"):
             k = [x for x in c if x is not None]
-            if len(k) != 1 or n.input[0] in self.consts:
+            if len(k) != 1:
+                raise CertlabError(f"{op} '{n.name}': only a value {op} a constant is supported")
+            v, first = k[0], n.input[0] in self.consts
+            if op in ("Sub", "Div") and first:
                 raise CertlabError(f"{op} '{n.name}': only (value {op} constant) is supported")
-            v = k[0].reshape(-1)
+            if op == "Div" and (v == 0).any():
+                raise CertlabError(f"Div '{n.name}': division by a constant that contains 0")
             one, zero = np.ones_like(v), np.zeros_like(v)
-            mean, std = {"Sub": (v, one), "Div": (zero, v), "Mul": (zero, 1.0 / v), "Add": (-v, one)}[op]
-            mods.append(cnn.Normalize(mean.tolist(), std.tolist()))
+            with np.errstate(divide="ignore"):
+                a, b = {"Sub": (one, -v), "Div": (1.0 / np.where(v == 0, 1, v), zero), "Mul": (v, zero),
+                        "Add": (one, v)}[op]
+            full, flat = self.full.get(n.input[int(first)]), self.flat.get(n.input[int(first)], False)
+            if full is None:
+                raise CertlabError(f"{op} '{n.name}': the shape of its input is unknown")
+            try:
+                a, b = np.broadcast_to(a, full), np.broadcast_to(b, full)
+                if np.broadcast_shapes(v.shape, full) != tuple(full):
+                    raise ValueError
+            except ValueError:
+                raise CertlabError(f"{op} '{n.name}': a constant of shape {v.shape} that changes the value's shape "
+                                   f"{full}") from None
+            shape = (-1,) if flat else full[1:]
+            mods.append(_Affine(a.reshape(shape), b.reshape(shape), flat, f"{op} '{n.name}'"))
+            return out
+        if op in LAYOUT:
+            return self.layout(n, mods)
+        if op == "Pad":
+            mode = a.get("mode", b"constant")
+            pads = c[1] if len(c) > 1 else a.get("pads")
+            value = c[2] if len(c) > 2 and c[2] is not None else a.get("value", 0.0)
+            if mode not in (b"constant", "constant") or np.any(np.asarray(value) != 0) or pads is None:
+                raise CertlabError(f"Pad '{n.name}': only a zero constant pad (folded into the next Conv) is supported")
+            pads = [int(p) for p in np.asarray(pads).ravel()]
+            r = len(pads) // 2
+            if r != 4 or any(pads[i] or pads[i + r] for i in (0, 1)):
+                raise CertlabError(f"Pad '{n.name}': only padding of the spatial axes of an image is supported")
+            nxt = self.cons.get(out, [])
+            if len(nxt) != 1 or nxt[0].op_type != "Conv":
+                raise CertlabError(f"Pad '{n.name}': a zero Pad is supported only right before a Conv")
+            self.pending_pad[nxt[0].name or id(nxt[0])] = (pads[2], pads[3], pads[6], pads[7])
             return out
         raise CertlabError(f"ONNX op {op} ('{n.name}') is not supported")  # pragma: no cover
 
@@ -332,14 +438,15 @@ def load_onnx(path) -> nn.Sequential:
         raise CertlabError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0][:200]}") from None
     bad = sorted({n.op_type for n in model.graph.node} - IMPORTED)
     if bad:
-        raise UnsupportedLayerError(f"{path} uses unsupported ONNX ops: {', '.join(bad)}; supported: "
-                                    f"{', '.join(sorted(IMPORTED))}")
+        first = next(n for n in model.graph.node if n.op_type == bad[0])
+        raise UnsupportedLayerError(f"{path} uses ONNX ops certlab cannot bound: {', '.join(bad)} (first: {bad[0]} "
+                                    f"node '{first.name or first.output[0]}'); supported: {', '.join(sorted(IMPORTED))}")
     r = _Reader(model)
     mods = []
     v, j = r.walk(r.input, mods)
     if j is not None or v != r.output:
         raise CertlabError("the ONNX graph does not reduce to a chain of supported layers")
-    return nn.Sequential(*_merge(mods)).float().eval()
+    return nn.Sequential(*_merge(_resolve(mods))).float().eval()
 
 
 def _merge(mods):
@@ -356,3 +463,72 @@ def _merge(mods):
                 continue
         out.append(m)
     return out
+
+
+class _Affine(nn.Module):
+    """x ↦ a ⊙ x + b (a, b of the per-sample ONNX shape); only lives until :func:`_resolve` replaces it."""
+
+    def __init__(self, a, b, flat, where):
+        super().__init__()
+        self.a, self.b, self.flat, self.where = np.asarray(a, np.float64), np.asarray(b, np.float64), flat, where
+
+    def then(self, o):
+        return _Affine(o.a * self.a, o.a * self.b + o.b, self.flat, self.where)
+
+
+def _per_channel(t, flat):
+    """The per-channel (vector: per-feature) values of t, or None when t varies otherwise."""
+    if t.size == 1 or np.all(t == t.reshape(-1)[0]):
+        return t.reshape(-1)[:1]
+    if flat or t.ndim <= 1:
+        return t.reshape(-1)
+    if t.ndim == 3 and np.all(t == t[:, :1, :1]):
+        return t[:, 0, 0]
+    return None
+
+
+def _resolve(mods):
+    """Replace every _Affine by a Normalize or fold it into the neighbouring Linear layer (module docstring)."""
+    out = []
+    for m in mods:
+        if isinstance(m, cnn.Residual):
+            for name in ("body", "shortcut"):
+                br = getattr(m, name)
+                if isinstance(br, nn.Sequential):
+                    setattr(m, name, nn.Sequential(*_resolve(list(br))))
+        if isinstance(m, _Affine) and out and isinstance(out[-1], _Affine):
+            out[-1] = out[-1].then(m)
+            continue
+        out.append(m)
+    res = []
+    for i, m in enumerate(out):
+        if not isinstance(m, _Affine):
+            res.append(m)
+            continue
+        a, b = _per_channel(m.a, m.flat), _per_channel(m.b, m.flat)
+        if a is not None and b is not None and np.all(a > 0):
+            if a.size != b.size:
+                a, b = np.broadcast_arrays(a, b)
+            res.append(cnn.Normalize((-b / a).tolist(), (1.0 / a).tolist()))
+            continue
+        j = i + 1
+        while j < len(out) and isinstance(out[j], (nn.Flatten, nn.Identity, nn.Dropout)):
+            j += 1
+        if j < len(out) and isinstance(out[j], nn.Linear) and out[j].in_features == m.a.size:
+            lin = out[j]
+            with torch.no_grad():
+                W = lin.weight.double()
+                A, Bv = torch.as_tensor(m.a.reshape(-1)), torch.as_tensor(m.b.reshape(-1))
+                lin.bias.copy_(lin.bias.double() + W @ Bv)
+                lin.weight.copy_(W * A)
+            continue
+        if res and isinstance(res[-1], nn.Linear) and res[-1].out_features == m.a.size:
+            lin = res[-1]
+            with torch.no_grad():
+                A, Bv = torch.as_tensor(m.a.reshape(-1)), torch.as_tensor(m.b.reshape(-1))
+                lin.weight.copy_(lin.weight.double() * A[:, None])
+                lin.bias.copy_(lin.bias.double() * A + Bv)
+            continue
+        raise UnsupportedLayerError(f"{m.where}: an elementwise constant that is neither per-channel (with a positive "
+                                    "scale) nor next to a Linear layer cannot be imported")
+    return res
