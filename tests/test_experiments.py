@@ -372,6 +372,10 @@ def test_real_cell_spheres(tmp_path):
             assert m["clean_error"] <= m["robust_error"] + 1e-9
             assert m["robust_error"] <= m["certified_error.ibp"] + 1e-9   # sound: certified ⇒ not attacked
             assert len(c["history"]) == 1
+    raw = sqlite3.connect(store.db_path(tmp_path / "s")).execute("SELECT result_json FROM cells").fetchall()
+    assert raw and not any(str(tmp_path) in r[0] for r in raw)    # paths stored relative to the sweep directory
+    report_md = report.write_report(tmp_path / "s")
+    assert str(tmp_path) not in open(report_md).read()
 
 
 def test_report_axes_and_identical_axis_note():

@@ -616,8 +616,8 @@ def write_report(sweep_dir, out_dir=None) -> str:
     doc = Doc()
     title = "certlab report: " + ", ".join(e["name"] for e in exps)
     doc.h(1, title)
-    doc.p(f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from {os.path.abspath(sweep_dir)}"
-          f"/results.sqlite. Errors in %, mean ± standard error over seeds (s.e. = std/√n; no ± with one seed). "
+    doc.p(f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from "
+          f"{os.path.relpath(os.path.join(sweep_dir, 'results.sqlite'), out_dir)} (relative to this report). Errors in %, mean ± standard error over seeds (s.e. = std/√n; no ± with one seed). "
           f"Robust error: the attack ensemble of the cell's evaluation (exact line search for segment sets, "
           f"APGD for balls); certified error with the training relaxation unless stated (for AT / standard rows: "
           f"the relaxation named in the cell's config, CROWN in the shipped study files).")

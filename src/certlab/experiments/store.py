@@ -176,10 +176,13 @@ class Store:
     def finish(self, cell_id: str, result: dict, history=None) -> None:
         """running -> finished with the result and its flat metrics, in one transaction."""
         metrics = flatten_metrics(result.get("metrics", result))
+        # paths inside the sweep directory are stored relative to it, so a committed database names no machine
+        root = json.dumps(os.path.abspath(self.directory) + os.sep)[1:-1]
+        text = json.dumps(result, sort_keys=True, default=_jsonable).replace(root, "")
         with self.transaction() as c:
             cur = c.execute("UPDATE cells SET status='finished', finished=?, error=NULL, result_json=?, "
                             "history_json=? WHERE id=? AND status='running'",
-                            (time.time(), json.dumps(result, sort_keys=True, default=_jsonable),
+                            (time.time(), text,
                              None if history is None else json.dumps(history, default=_jsonable), cell_id))
             if cur.rowcount != 1:
                 raise CertlabError(f"cell {cell_id} is not running; its result was not recorded")
