@@ -16,12 +16,12 @@ import http.client
 import os
 import re
 import shutil
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from certlab import fileio
 from certlab.errors import DataError
 
 ENV_VAR = "CERTLAB_DATA"
@@ -141,7 +141,7 @@ def record(folder: Path, name: str, md5: str | None) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = fileio.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -175,7 +175,7 @@ def download(dataset: str, folder: Path, remotes, hint: str | None = None) -> li
         reasons = []
         for url in r.urls:
             try:
-                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{r.name}.", suffix=".part")
+                fd, tmp = fileio.mkstemp(dir=folder, prefix=f".{r.name}.", suffix=".part")
                 os.close(fd)
             except OSError as e:
                 raise DataError(f"{dataset}: cannot write into {folder} ({e}); "

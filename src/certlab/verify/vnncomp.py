@@ -186,7 +186,7 @@ def run_batch(csv_path, out_path, method="auto", timeout=None, log=print, thread
 
 def register(sub):
     p = sub.add_parser("verify", help="decide a VNN-LIB property on an ONNX network (VNN-COMP format)",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("onnx", nargs="?", help="network (.onnx)")
     p.add_argument("vnnlib", nargs="?", help="property (.vnnlib)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per instance (default 60; batch: the CSV's)")
