@@ -483,3 +483,18 @@ def test_every_shipped_experiment_file_loads_and_its_cells_are_valid_configs():
             assert cells, f"{f}: {exp.name} has no cells"
             if grid.uses_train_config(exp):
                 grid.validate_configs(cells)
+
+
+def test_run_cell_crown_adds_crown_certificate_without_its_acr(tmp_path):
+    from certlab.experiments.cell import run_cell_crown
+
+    torch.manual_seed(0)
+    cfg = {"dataset": "spheres", "data": {"d": 5, "n": 64, "n_test": 64, "r0": 5.0, "margin": 4.0},
+           "model": "mlp", "model_params": {"hidden": [16]}, "norm": "l2", "eps": 0.5, "epochs": 1,
+           "batch_size": 32, "lr": 0.01, "optimizer": "sgd", "objective": "certified", "relaxation": "ibp", "eval_certify": ["ibp"],
+           "eval_acr": True, "eval_attacks": [], "val_n": 32}
+    m = run_cell_crown(cfg, str(tmp_path / "c"))["metrics"]
+    cert = m["certified_error"]
+    assert set(m["acr"]) == {"ibp", "best", "train"}                   # no CROWN radius search
+    assert cert["crown"] <= cert["ibp"] + 1e-9                          # CROWN is at least as tight as IBP here
+    assert cert["best"] == min(cert["crown"], cert["ibp"]) and cert["train"] == cert["ibp"]

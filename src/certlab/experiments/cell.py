@@ -116,3 +116,22 @@ def run_cell_diagnostics(config: dict, run_dir: str, n: int = 64, lp_samples: in
     result["metrics"]["diag"] = diagnostics_metrics(rows, cfg.relaxation)
     result["diagnostics"] = rows
     return result
+
+
+def run_cell_crown(config: dict, run_dir: str, n: int | None = None) -> dict:
+    """:func:`run_cell`, then the certified error by CROWN on the same test samples, without CROWN's ACR (whose
+    radius search costs many CROWN passes): ``metrics["certified_error"]["crown"]``. For trade-off studies that
+    measure ACR with a cheap relaxation (``eval_acr`` with ``eval_certify: [ibp]``) and certified accuracy with a
+    tighter one."""
+    result = run_cell(config, run_dir)
+    from certlab.train import evaluate_run
+
+    ev = evaluate_run(run_dir, certify=["crown"], attacks=[], acr=False, n=n, write=False)
+    cert = result["metrics"].setdefault("certified_error", {})
+    cert["crown"] = ev["certified_error"]["crown"]
+    cert["best"] = min(v for k, v in cert.items() if k not in ("best", "train") and v is not None)
+    if config.get("relaxation") == "crown":
+        cert["train"] = cert["crown"]
+    result["metrics"]["time_eval_s"] = result["metrics"].get("time_eval_s", 0) + ev.get("time_s", 0)
+    result["eval_crown"] = ev
+    return result
