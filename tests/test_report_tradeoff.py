@@ -63,6 +63,7 @@ def run(config, run_dir):
         hist = [{"epoch": 1, "time_s": 2.0, "radius_time_s": 0.0, "radius_evals": 0},
                 {"epoch": 2, "time_s": 4.0, "radius_time_s": 1.0 + 0.1 * seed, "radius_evals": 50},
                 {"epoch": 3, "time_s": 4.0, "radius_time_s": 1.0 + 0.1 * seed, "radius_evals": 70}]
+    hist[-1].update(val_robust_error=0.5 - 0.1 * knob + 0.01 * seed, val_clean_error=clean)
     return {"metrics": {"clean_error": clean, "robust_error": None,
                         "certified_error": {"ibp": 1 - acr + 0.1, "crown": 1 - acr, "train": 1 - acr + 0.1},
                         "acr": {"ibp": acr, "train": acr}, "unstable_relus": 3.0, "time_train_s": 1.0,
@@ -84,7 +85,7 @@ def _spec():
             z["objective"].append(obj)
             for k in row:
                 z[k].append(row[k])
-    return {"name": "trade", "cell_fn": "fakecell3:run", "base": {"relaxation": "ibp", "eps": 0.4},
+    return {"name": "trade", "cell_fn": "fakecell3:run", "base": {"relaxation": "ibp", "eps": 0.4, "val_split": 100},
             "grid": {"norm": ["linf", "l2"], "seed": [0, 1, 2]}, "zip": [z]}
 
 
@@ -161,6 +162,12 @@ def test_tradeoff_report_tables_and_figures(sweep, monkeypatch):
     assert "ACR % of ε (IBP)" in text and "cert. err % CROWN" in text
     sabr_row = next(l for l in text.splitlines() if l.startswith(f"| {_label('sabr')} | λ=0.6 | 3 |"))
     assert sabr_row.count("±") >= 3
+    # CTBench's choice: per method the knob with the lowest validation certified error (here the largest knob)
+    sel = text.split("Knob selected on validation")[1].split("\n\n")[1].splitlines()[2:]
+    assert "held out from training" in text
+    assert {tuple(c.strip() for c in l.split("|")[1:3]) for l in sel} == {
+        (_label("adaptive"), "κ=0.5"), (_label("certified"), "κ=0.9"), (_label("sabr"), "λ=0.6"),
+        (_label("mtl-ibp"), "α=0.7")}
     assert "radius search s / epoch" in text
     cost_rows = [l for l in text.split("radius search s / epoch")[1].split("\n\n")[0].splitlines()[2:]]
     assert cost_rows and all(l.startswith(f"| {_label('adaptive')} |") for l in cost_rows)

@@ -372,6 +372,9 @@ def tradeoff_points(cells, knobs, panels) -> dict:
         costs = [radius_cost(m) for m in members]
         for ck in ("radius_s", "radius_share", "radius_evals", "epoch_s"):
             stats[f"cost.{ck}"] = mean_se([c[ck] for c in costs if c and c[ck] is not None])
+        for vk in ("val_robust_error", "val_clean_error"):  # the last epoch's validation numbers
+            stats[f"val.{vk[4:]}"] = mean_se([(m.get("history") or [{}])[-1].get(vk) for m in members])
+        stats["_val_split"] = all((m["config"].get("val_split") or 0) > 0 for m in members)
         stats["_seeds"] = sorted({_value(m, "seed") for m in members}, key=str)
         stats["_eval_eps"] = sorted({m["config"].get("eval_eps") if m["config"].get("eval_eps") is not None
                                      else m["config"].get("eps") for m in members}, key=str)
@@ -405,6 +408,43 @@ def _eps_text(points, panel) -> str:
     return f"ε = {_num(eps[0])}" if len(eps) == 1 else "the cells' evaluation ε"
 
 
+def select_on_validation(points, keys) -> list:
+    """Per method with several knob values, the key of the one with the lowest validation error (certified error
+    by the training relaxation, or robust error, on the validation samples at the last epoch; mean over seeds; ties
+    by validation clean error); methods without validation numbers are left out. CTBench's choice of knob."""
+    best = {}
+    for k in keys:
+        v = points[k]
+        score = (v.get("val.robust_error", (None,))[0], v.get("val.clean_error", (None,))[0])
+        if score[0] is None:
+            continue
+        if k[1] not in best or score < best[k[1]][0]:
+            best[k[1]] = (score, k)
+    counts = {}
+    for k in keys:
+        counts[k[1]] = counts.get(k[1], 0) + 1
+    return [k for _, k in best.values() if counts[k[1]] > 1]
+
+
+def _selected_table(doc, points, keys, acr_key, cert_key):
+    chosen = select_on_validation(points, keys)
+    if not chosen:
+        return
+    held = all(points[k]["_val_split"] for k in chosen)
+    doc.p("Knob selected on validation (CTBench's protocol): per method, the knob value with the lowest certified "
+          "error by the training relaxation on the validation samples at the last epoch, then its test numbers. "
+          + ("The validation samples are training samples held out from training (val_split)." if held else
+             "Some cells validated on the first test samples (val_split = 0): their selection has seen test data, "
+             "so their test numbers are optimistic."))
+    doc.table(["method", "knob", "seeds", "val. cert. err %", "standard err %", "robust err %",
+               f"cert. err % {_metric_name(cert_key)}" if cert_key else "cert. err %",
+               f"ACR % ({_metric_name(acr_key)})" if acr_key else "ACR %"],
+              [[k[1], knob_text(k[2]) or "—", len(points[k]["_seeds"]), fmt(points[k].get("val.robust_error")),
+                fmt(points[k].get("clean_error")), fmt(points[k].get("robust_error")),
+                fmt(points[k].get(cert_key)) if cert_key else "—", fmt(points[k].get(acr_key)) if acr_key else "—"]
+               for k in chosen])
+
+
 def _tradeoff_panel(doc, points, panel, fig_dir, rel, slug, full):
     """The trade-off table, the two trade-off figures and the radius-search cost table of one panel."""
     acr_key, cert_key = tradeoff_metrics(points, panel)
@@ -436,6 +476,7 @@ def _tradeoff_panel(doc, points, panel, fig_dir, rel, slug, full):
                            "cert", f"certified accuracy at {eps} by {_metric_name(cert_key)} (%)"):
             doc.img(f"{rel}/{fname}", f"trade-off: clean accuracy vs certified accuracy at {eps} by "
                                       f"{_metric_name(cert_key)} ({full}); mean ± s.e. over seeds")
+    _selected_table(doc, points, keys, acr_key, cert_key)
     costed = [k for k in keys if points[k]["cost.radius_s"][0] is not None]
     if costed:
         doc.p("Cost of ACERT's radius search (per-sample certified radius by batched root finding, no gradient), "
