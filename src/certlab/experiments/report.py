@@ -12,6 +12,12 @@ For each experiment in the database:
   names the methods whose lines coincide, so a legend entry never hides behind another line;
 - a per-relaxation table when several relaxations were trained;
 - trade-off curves clean accuracy vs ACR (as % of ε) when ACR was measured;
+- a *trade-off study* (an experiment that varies a method's trade-off knob: κ, SABR's λ, MTL-/EXP-/CC-IBP's α, TAPS's
+  w or c, the training ε at a fixed evaluation ε; see :data:`KNOBS`) is reported per panel as one curve per method
+  through its own knob: a table (method, knob value, errors, ACR, certified error by every certifier measured), a
+  figure clean accuracy vs ACR (IBP radii, the ACERT paper's metric, when measured) and one vs certified accuracy
+  by the strongest certifier measured, points = mean over seeds with ± s.e. bars on both axes, labelled with the
+  knob value; plus the cost of ACERT's radius search per epoch (from the training history) when recorded;
 - unstable ReLUs over training (from each cell's per-epoch history) when recorded;
 - before the experiments: the side-by-side comparison ``certlab demo`` stores in ``DIR/compare.json``, when present.
 
@@ -240,27 +246,38 @@ def figure_vs_x(agg, panel, x, metrics, path, title):
     plt.close(fig)
 
 
-def figure_tradeoff(agg, panel, path, title):
+def figure_tradeoff(points, panel, path, title, xkind, xlabel):
+    """Clean accuracy (y) against ``xkind`` (x): "acr" (the ACR metric of :func:`tradeoff_metrics`, % of ε) or
+    "cert" (certified accuracy, %), one curve per method through its knob sweep (points in knob order), each point
+    the mean over seeds with ± s.e. bars on both axes and its knob value written next to it. ``points`` as
+    :func:`tradeoff_points` returns them. False (no file) when no point has both coordinates."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.8))
+    acr_key, cert_key = tradeoff_metrics(points, panel)
+    xkey = acr_key if xkind == "acr" else cert_key
+    fig, ax = plt.subplots(figsize=(6, 4.4))
     drawn = False
-    for j, mth in enumerate(_order({k[1] for k in agg if k[0] == panel})):
+    methods = _order({k[1] for k in points if k[0] == panel})
+    for j, mth in enumerate(methods):
         pts = []
-        for k, v in agg.items():
-            if k[0] != panel or k[1] != mth:
+        for k, v in points.items():
+            if k[0] != panel or k[1] != mth or xkey is None:
                 continue
-            acr, ce = v.get("acr.train"), v.get("clean_error")
-            if acr and acr[0] is not None and ce and ce[0] is not None:
-                pts.append((acr[0] * 100, (1 - ce[0]) * 100, k[2]))
+            xs, ce = v.get(xkey), v.get("clean_error")
+            if not xs or xs[0] is None or not ce or ce[0] is None:
+                continue
+            xv = xs[0] * 100 if xkind == "acr" else (1 - xs[0]) * 100
+            pts.append((_knob_sort(k[2]), xv, (xs[1] or 0.0) * 100, (1 - ce[0]) * 100, (ce[1] or 0.0) * 100,
+                        knob_text(k[2])))
         if not pts:
             continue
-        pts.sort(key=lambda p: (p[2] is None, p[2] if p[2] is not None else p[0]))  # along the swept value
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=mth, **_style(j))
+        pts.sort(key=lambda p: p[0])
+        ax.errorbar([p[1] for p in pts], [p[3] for p in pts], xerr=[p[2] for p in pts], yerr=[p[4] for p in pts],
+                    capsize=2, label=mth, **_style(j))
         for p in pts:
-            if p[2] is not None:
-                ax.annotate(f"{p[2]:g}", (p[0], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if p[5]:
+                ax.annotate(p[5], (p[1], p[3]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         drawn = True
-    ax.set_xlabel("ACR (% of ε)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("clean accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -270,6 +287,207 @@ def figure_tradeoff(agg, panel, path, title):
         _save(fig, path)
     plt.close(fig)
     return drawn
+
+
+# ---- trade-off curves: one per method through its own knob -------------------------------------------------
+# each method's trade-off knob: ACERT's and Fast-IBP's κ, SABR's / STAPS's λ, MTL-IBP's / EXP-IBP's / CC-IBP's α,
+# TAPS's gradient scale and connector threshold, and the training ε (a knob only while the evaluation ε is fixed)
+KNOBS = {"kappa_start": "κ₀", "kappa_end": "κ", "sabr_lambda": "λ", "cert_alpha": "α", "taps_grad_scale": "w",
+         "taps_threshold": "c", "eps": "ε_train"}
+CERT_ORDER = ("alpha-crown", "crown", "crown-ibp", "deepz", "fastlin", "hbox", "ibp")  # strongest first
+
+
+def _value(cell, key):
+    return cell["params"][key] if key in cell["params"] else cell["config"].get(key)
+
+
+def _axes(spec) -> list:
+    axes = list(spec.get("grid", {}))
+    for g in spec.get("zip", []):
+        axes.extend(g)
+    return [a for a in dict.fromkeys(axes) if not is_seed_axis(a) and a not in METHOD_KEYS]
+
+
+def tradeoff_axes(spec, cells) -> tuple:
+    """(knob keys, panel axes) of a trade-off experiment: the knob keys are the :data:`KNOBS` among the varied
+    axes that take several values (``eps`` only when every cell fixes ``eval_eps``); the panel axes are the other
+    varied axes that vary within some method (an axis constant within each method, e.g. a flag zipped with the
+    objective, belongs to the method). No knob: ((), ()) and the report is the plain one."""
+    axes = _axes(spec)
+    knobs = [k for k in KNOBS if k in axes and len({json.dumps(_value(c, k)) for c in cells}) > 1]
+    if "eps" in knobs and any(c["config"].get("eval_eps") is None for c in cells):
+        knobs.remove("eps")
+    if not knobs:
+        return (), ()
+    by_method = {}
+    for c in cells:
+        by_method.setdefault(method_label(c["config"]), []).append(c)
+    panels = [a for a in axes if a not in knobs and
+              any(len({json.dumps(_value(c, a)) for c in grp}) > 1 for grp in by_method.values())]
+    return tuple(knobs), tuple(panels)
+
+
+def knob_text(kv) -> str:
+    """``(("kappa_start", 0.5), ("kappa_end", 0.5))`` -> "κ=0.5" (κ₀ shown only when it differs from κ)."""
+    d = dict(kv)
+    if "kappa_start" in d and "kappa_end" in d and d["kappa_start"] == d["kappa_end"]:
+        d.pop("kappa_start")
+    return ", ".join(f"{KNOBS.get(k, k)}={_num(v)}" for k, v in d.items())
+
+
+def _knob_sort(kv):
+    return tuple((0, v) if _is_number(v) else (1, str(v)) for _, v in kv)
+
+
+def radius_cost(cell) -> dict | None:
+    """ACERT's radius search in one cell, from its per-epoch history, over the epochs in which it ran
+    (``radius_evals`` > 0): mean seconds per epoch, share of those epochs' time, mean batched bound evaluations per
+    epoch, mean epoch time. None when the history records no search."""
+    rows = [r for r in cell.get("history") or [] if _is_number(r.get("radius_evals")) and r["radius_evals"] > 0
+            and _is_number(r.get("radius_time_s")) and _is_number(r.get("time_s"))]
+    if not rows:
+        return None
+    n, t_search, t_epoch = len(rows), sum(r["radius_time_s"] for r in rows), sum(r["time_s"] for r in rows)
+    return {"radius_s": t_search / n, "radius_share": t_search / t_epoch if t_epoch > 0 else None,
+            "radius_evals": sum(r["radius_evals"] for r in rows) / n, "epoch_s": t_epoch / n, "epochs": n}
+
+
+def tradeoff_points(cells, knobs, panels) -> dict:
+    """{(panel tuple, method, knob tuple): {metric: (mean, s.e., n)}} over seeds. A method's knob tuple holds the
+    knob keys that vary among that method's cells of the panel (ACERT's κ, SABR's λ, ...), so each method is one
+    curve through its own sweep. The ACERT radius-search cost (:func:`radius_cost`) is under ``cost.<key>``."""
+    by_method = {}
+    for c in cells:
+        panel = tuple((p, _value(c, p)) for p in panels)
+        by_method.setdefault((panel, method_label(c["config"])), []).append(c)
+    groups = {}
+    for (panel, mth), grp in by_method.items():
+        keys = [k for k in knobs if len({json.dumps(_value(c, k)) for c in grp}) > 1]
+        for c in grp:
+            groups.setdefault((panel, mth, tuple((k, _value(c, k)) for k in keys)), []).append(c)
+    out = {}
+    for key, members in groups.items():
+        mkeys = set().union(*(m["metrics"] for m in members)) | {"certified_error.train", "acr.train"}
+        stats = {k: mean_se([metric(m, k) for m in members]) for k in mkeys}
+        costs = [radius_cost(m) for m in members]
+        for ck in ("radius_s", "radius_share", "radius_evals", "epoch_s"):
+            stats[f"cost.{ck}"] = mean_se([c[ck] for c in costs if c and c[ck] is not None])
+        for vk in ("val_robust_error", "val_clean_error"):  # the last epoch's validation numbers
+            stats[f"val.{vk[4:]}"] = mean_se([(m.get("history") or [{}])[-1].get(vk) for m in members])
+        stats["_val_split"] = all((m["config"].get("val_split") or 0) > 0 for m in members)
+        stats["_seeds"] = sorted({_value(m, "seed") for m in members}, key=str)
+        stats["_eval_eps"] = sorted({m["config"].get("eval_eps") if m["config"].get("eval_eps") is not None
+                                     else m["config"].get("eps") for m in members}, key=str)
+        out[key] = stats
+    return out
+
+
+def _measured(points, panel, key) -> bool:
+    return any(v.get(key, (None,))[0] is not None for k, v in points.items() if k[0] == panel)
+
+
+def tradeoff_metrics(points, panel) -> tuple:
+    """(ACR key, certified-error key) of a panel: ACR by IBP radii (the paper's metric) when measured, else by the
+    training relaxation; certified error by the strongest certifier measured (:data:`CERT_ORDER`), else by the
+    training relaxation; None when not measured."""
+    acr = next((k for k in ("acr.ibp", "acr.train") if _measured(points, panel, k)), None)
+    cert = next((f"certified_error.{m}" for m in CERT_ORDER if _measured(points, panel, f"certified_error.{m}")),
+                "certified_error.train" if _measured(points, panel, "certified_error.train") else None)
+    return acr, cert
+
+
+def _metric_name(key) -> str:
+    if key is None:
+        return ""
+    m = key.split(".", 1)[1]
+    return "training relaxation" if m == "train" else RELAX_NAMES.get(m, m)
+
+
+def _eps_text(points, panel) -> str:
+    eps = sorted({e for k, v in points.items() if k[0] == panel for e in v["_eval_eps"]}, key=str)
+    return f"ε = {_num(eps[0])}" if len(eps) == 1 else "the cells' evaluation ε"
+
+
+def select_on_validation(points, keys) -> list:
+    """Per method with several knob values, the key of the one with the lowest validation error (certified error
+    by the training relaxation, or robust error, on the validation samples at the last epoch; mean over seeds; ties
+    by validation clean error); methods without validation numbers are left out. CTBench's choice of knob."""
+    best = {}
+    for k in keys:
+        v = points[k]
+        score = (v.get("val.robust_error", (None,))[0], v.get("val.clean_error", (None,))[0])
+        if score[0] is None:
+            continue
+        if k[1] not in best or score < best[k[1]][0]:
+            best[k[1]] = (score, k)
+    counts = {}
+    for k in keys:
+        counts[k[1]] = counts.get(k[1], 0) + 1
+    return [k for _, k in best.values() if counts[k[1]] > 1]
+
+
+def _selected_table(doc, points, keys, acr_key, cert_key):
+    chosen = select_on_validation(points, keys)
+    if not chosen:
+        return
+    held = all(points[k]["_val_split"] for k in chosen)
+    doc.p("Knob selected on validation (CTBench's protocol): per method, the knob value with the lowest certified "
+          "error by the training relaxation on the validation samples at the last epoch, then its test numbers. "
+          + ("The validation samples are training samples held out from training (val_split)." if held else
+             "Some cells validated on the first test samples (val_split = 0): their selection has seen test data, "
+             "so their test numbers are optimistic."))
+    doc.table(["method", "knob", "seeds", "val. cert. err %", "standard err %", "robust err %",
+               f"cert. err % {_metric_name(cert_key)}" if cert_key else "cert. err %",
+               f"ACR % ({_metric_name(acr_key)})" if acr_key else "ACR %"],
+              [[k[1], knob_text(k[2]) or "—", len(points[k]["_seeds"]), fmt(points[k].get("val.robust_error")),
+                fmt(points[k].get("clean_error")), fmt(points[k].get("robust_error")),
+                fmt(points[k].get(cert_key)) if cert_key else "—", fmt(points[k].get(acr_key)) if acr_key else "—"]
+               for k in chosen])
+
+
+def _tradeoff_panel(doc, points, panel, fig_dir, rel, slug, full):
+    """The trade-off table, the two trade-off figures and the radius-search cost table of one panel."""
+    acr_key, cert_key = tradeoff_metrics(points, panel)
+    eps = _eps_text(points, panel)
+    certs = [m for m in CERT_ORDER[::-1] if _measured(points, panel, f"certified_error.{m}")]
+    order = _order({k[1] for k in points if k[0] == panel})
+    keys = sorted((k for k in points if k[0] == panel), key=lambda k: (order.index(k[1]), _knob_sort(k[2])))
+    header = ["method", "knob", "seeds", "standard err %", "robust err %"] + \
+        ([f"ACR % of ε ({_metric_name(acr_key)})"] if acr_key else []) + \
+        [f"cert. err % {RELAX_NAMES.get(m, m)}" for m in certs] + ["unstable ReLUs / sample"]
+    rows = [[k[1], knob_text(k[2]) or "—", len(points[k]["_seeds"]), fmt(points[k].get("clean_error")),
+             fmt(points[k].get("robust_error"))] + ([fmt(points[k].get(acr_key))] if acr_key else []) +
+            [fmt(points[k].get(f"certified_error.{m}")) for m in certs] + [fmt(points[k].get("unstable_relus"), False)]
+            for k in keys]
+    doc.p(f"Trade-off table: one row per method and knob value (κ: weight of the clean loss; λ: SABR's small-set "
+          f"radius as a fraction of ε; α: weight of the certified part of MTL-/EXP-/CC-IBP), mean ± s.e. over "
+          f"seeds; certified error and ACR at {eps} (ACR: mean certified radius, 0 for misclassified samples, as a "
+          f"% of that ε).")
+    doc.table(header, rows)
+    if acr_key:
+        fname = f"{slug}-tradeoff.png"
+        if figure_tradeoff(points, panel, os.path.join(fig_dir, fname), f"{full}: clean accuracy vs ACR", "acr",
+                           f"ACR by {_metric_name(acr_key)} radii (% of {eps})"):
+            doc.img(f"{rel}/{fname}", f"trade-off: clean accuracy vs ACR by {_metric_name(acr_key)} radii ({full}); "
+                                      "one curve per method through its knob; mean ± s.e. over seeds")
+    if cert_key:
+        fname = f"{slug}-tradeoff-cert.png"
+        if figure_tradeoff(points, panel, os.path.join(fig_dir, fname), f"{full}: clean vs certified accuracy",
+                           "cert", f"certified accuracy at {eps} by {_metric_name(cert_key)} (%)"):
+            doc.img(f"{rel}/{fname}", f"trade-off: clean accuracy vs certified accuracy at {eps} by "
+                                      f"{_metric_name(cert_key)} ({full}); mean ± s.e. over seeds")
+    _selected_table(doc, points, keys, acr_key, cert_key)
+    costed = [k for k in keys if points[k]["cost.radius_s"][0] is not None]
+    if costed:
+        doc.p("Cost of ACERT's radius search (per-sample certified radius by batched root finding, no gradient), "
+              "from the training history, over the epochs in which it ran (ε_t > 0): wall seconds per epoch, its "
+              "share of the epoch time (training steps and per-epoch validation), batched bound evaluations per "
+              "epoch; mean ± s.e. over seeds.")
+        doc.table(["method", "knob", "seeds", "radius search s / epoch", "share of epoch time %",
+                   "bound evaluations / epoch", "epoch s"],
+                  [[k[1], knob_text(k[2]) or "—", len(points[k]["_seeds"]), fmt(points[k]["cost.radius_s"], False),
+                    fmt(points[k]["cost.radius_share"]), fmt(points[k]["cost.radius_evals"], False),
+                    fmt(points[k]["cost.epoch_s"], False)] for k in costed])
 
 
 def _unstable_key(history) -> str | None:
@@ -523,6 +741,15 @@ def _experiment_section(doc, exp, cells_all, fig_dir, rel):
     if not cells:
         doc.p("No finished cells yet.")
         return
+    knobs, t_panels = tradeoff_axes(spec, cells)
+    if knobs:  # a trade-off study: one curve per method through its own knob
+        points = tradeoff_points(cells, knobs, t_panels)
+        for panel in sorted({k[0] for k in points}, key=str):
+            pname = _panel_name(panel)
+            if pname:
+                doc.h(3, pname)
+            _tradeoff_panel(doc, points, panel, fig_dir, rel, _slug(f"{name}-{pname}"), f"{name} {pname}".strip())
+        return
     x, panels = split_axes(spec, cells)
     agg = aggregate(cells, x, panels)
     for panel in sorted({k[0] for k in agg}, key=str):
@@ -563,8 +790,12 @@ def _experiment_section(doc, exp, cells_all, fig_dir, rel):
         if note:
             doc.p(note)
         _relaxation_table(doc, agg, panel, xs, x)
+        points = tradeoff_points([c for c in cells if tuple((p, c["params"].get(p)) for p in panels) == panel],
+                                 (x,) if x else (), ())
         fname = f"{slug}-tradeoff.png"
-        if figure_tradeoff(agg, panel, os.path.join(fig_dir, fname), f"{full}: clean accuracy vs ACR"):
+        acr_key = tradeoff_metrics(points, ())[0]
+        if acr_key and figure_tradeoff(points, (), os.path.join(fig_dir, fname), f"{full}: clean accuracy vs ACR",
+                                       "acr", f"ACR by {_metric_name(acr_key)} radii (% of ε)"):
             doc.img(f"{rel}/{fname}", f"trade-off: clean accuracy vs ACR ({full}); labels = "
                                       f"{AXIS_LABELS.get(x, x) if x else ''}")
         fname = f"{slug}-unstable.png"

@@ -41,6 +41,9 @@ from certlab.train.setup import (build_model, dataset_record, load_data, load_op
                                  make_scheduler, resolve_device, seed_everything)
 from certlab.train.threats import ThreatMaker
 
+# per-step costs summed over the epoch into its record: ACERT's radius search (wall seconds, batched bound
+# evaluations, samples bounded); ``time_s`` is the whole epoch (training steps and validation)
+EPOCH_SUMS = ("radius_time_s", "radius_evals", "radius_sample_evals")
 FILES = {"config": "config.yaml", "metrics": "metrics.jsonl", "last": "last.pt", "best": "best.pt",
          "eval": "eval.json", "summary": "summary.json"}
 
@@ -256,6 +259,9 @@ def _train(cfg, out_dir, resume, progress, evaluate, bars) -> dict:
             if "certified" in st:
                 has_cert = True
                 tot["certified"] += st["certified"]
+            for k in EPOCH_SUMS:  # costs an objective reports per step (ACERT's radius search), summed per epoch
+                if k in st:
+                    tot[k] = tot.get(k, 0) + st[k]
             bar.update(1)
             post = {"loss": f"{tot['loss'] / tot['n']:.3f}", "acc": f"{tot['correct'] / tot['n']:.3f}",
                     "eps": f"{eps_t:.3g}"}
@@ -273,6 +279,7 @@ def _train(cfg, out_dir, resume, progress, evaluate, bars) -> dict:
                   "beta": schedules.beta_at(cfg, t_end - 1e-9), "lr": opt.param_groups[0]["lr"],
                   "val_clean_error": val_clean, "val_robust_error": val_rob, "val_unstable_relus": val_unstable,
                   "time_s": time.perf_counter() - t0}
+        record.update({k: tot[k] for k in EPOCH_SUMS if k in tot})
         history.append(record)
         score = val_rob if val_rob is not None else val_clean
         improved = not schedules.in_warmup(cfg, t_end) and score < best

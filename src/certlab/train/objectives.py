@@ -12,7 +12,9 @@ scheduled ε / κ / β of this step, the threat maker and a per-step seed) and `
   margin lower bounds m = ``certlab.margins(model, x, y, threat(ε_t), relaxation)``; plus the Fast-IBP
   warm-up regularisers (see :func:`fast_ibp_regularisers`).
 - adaptive (ACERT, Nurlanov et al.): per-sample radii ε_i = certified radius of (x_i, y_i) in [0, ε_t] found without
-  gradient (0 when misclassified); loss = κ · CE(f(x), y) + (1 − κ) · CE(z(ε_i), y) + regularisers.
+  gradient (0 when misclassified); loss = κ · CE(f(x), y) + (1 − κ) · CE(z(ε_i), y) + regularisers. Its stats
+  also give the cost of the radius search: its wall time (``radius_time_s``), its batched bound evaluations
+  (``radius_evals``) and the samples they bounded (``radius_sample_evals``); the loop sums them per epoch.
 
 The state-of-the-art objectives replace the robust term R of κ · CE(f(x), y) + (1 − κ) · R (x_adv from the run's
 attack over S(x, ε_t); m(S) the relaxation's margin lower bounds over a set S; L(m) = CE(−m, y)):
@@ -28,6 +30,7 @@ attack over S(x, ε_t); m(S) the relaxation's margin lower bounds over a set S; 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -239,12 +242,18 @@ def adaptive(model, x, y, ctx):
     cfg = ctx.cfg
     logits, clean = _clean(model, x, y, ctx.kappa)
     right = logits.detach().argmax(1) == y
+    search = {"evals": 0, "sample_evals": 0}
+    t0 = time.perf_counter()
     if ctx.eps > 0:
         with torch.no_grad():
-            radius = certified_radius(model, x, y, ctx.threat(x), cfg.relaxation, ctx.eps, **_bound_opts(cfg, ctx.beta))
+            radius = certified_radius(model, x, y, ctx.threat(x), cfg.relaxation, ctx.eps, stats=search,
+                                      **_bound_opts(cfg, ctx.beta))
+        if x.is_cuda:  # the search's kernels are asynchronous: wait for them before reading the clock
+            torch.cuda.synchronize(x.device)
         radius = torch.where(right, radius.to(x.dtype), torch.zeros_like(radius, dtype=x.dtype))
     else:
         radius = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    search_s = time.perf_counter() - t0
     threat = ctx.threat(x, radius)
     m, relus, _ = margins_and_relus(model, x, y, threat, cfg.relaxation, _wants_reg(ctx), **_bound_opts(cfg, ctx.beta))
     loss = ctx.kappa * clean + (1 - ctx.kappa) * worst_case_ce(m, y)
@@ -252,7 +261,9 @@ def adaptive(model, x, y, ctx):
     # a sample counts as certified at the scheduled ε when its radius reaches it
     cert = int((radius >= ctx.eps * (1 - 1e-4)).logical_and(right).sum()) if ctx.eps > 0 else int(right.sum())
     return loss + reg, {"correct": _correct(logits, y), "certified": cert,
-                        "mean_radius": float(radius.mean()) / ctx.eps if ctx.eps > 0 else 0.0, **rstats}
+                        "mean_radius": float(radius.mean()) / ctx.eps if ctx.eps > 0 else 0.0,
+                        "radius_time_s": search_s, "radius_evals": search["evals"],
+                        "radius_sample_evals": search["sample_evals"], **rstats}
 
 
 def certified_radius(model, x, y, template, method, max_eps, tol=None, recheck=False, **opts):

@@ -36,7 +36,10 @@ def _template(norm, threat):
     return cls(0.0)
 
 
-def _worst_margin(model, x, y, threat, eps, method, opts, twin):
+def _worst_margin(model, x, y, threat, eps, method, opts, twin, stats=None):
+    if stats is not None:  # one batched bound evaluation over x.shape[0] samples
+        stats["evals"] = stats.get("evals", 0) + 1
+        stats["sample_evals"] = stats.get("sample_evals", 0) + int(x.shape[0])
     th = threat.with_eps(eps)
     m = margins(model, x, y, th, method=method, **opts)
     if twin is not None:  # margins within rounding of zero: decided in float64
@@ -49,9 +52,11 @@ def _worst_margin(model, x, y, threat, eps, method, opts, twin):
 @torch.no_grad()
 @core.float32_exact
 def certified_radius(model, x, y, norm="linf", method="ibp", max_eps=None, tol=1e-5, solver="bisect", threat=None,
-                     max_steps=100, recheck=True, **opts) -> torch.Tensor:
+                     max_steps=100, recheck=True, stats=None, **opts) -> torch.Tensor:
     """Tensor [B]: per sample, the largest certified ε in [0, max_eps] (to within ``tol``). ``recheck``: margins
-    within rounding of zero are decided in float64 (see :func:`certlab.bounds.api.certify`)."""
+    within rounding of zero are decided in float64 (see :func:`certlab.bounds.api.certify`). ``stats``: a dict
+    in which the search adds its batched bound evaluations (``evals``) and the samples they bounded
+    (``sample_evals``)."""
     tmpl = _template(norm, threat)
     if max_eps is None:
         raise InputError("certified_radius needs max_eps")
@@ -71,9 +76,9 @@ def certified_radius(model, x, y, norm="linf", method="ibp", max_eps=None, tol=1
     twin = Float64Twin(model) if recheck else None
     lo = x.new_zeros(B)
     hi = x.new_full((B,), max_eps)
-    m_hi = _worst_margin(model, x, y, tmpl, hi, method, opts, twin)
+    m_hi = _worst_margin(model, x, y, tmpl, hi, method, opts, twin, stats)
     at_max = (m_hi > 0) & correct
-    m_lo = _worst_margin(model, x, y, tmpl, lo, method, opts, twin)
+    m_lo = _worst_margin(model, x, y, tmpl, lo, method, opts, twin, stats)
     ok0 = (m_lo > 0) & correct
     active = ok0 & ~at_max
     lo = torch.where(at_max, hi, lo)
@@ -93,7 +98,7 @@ def certified_radius(model, x, y, norm="linf", method="ibp", max_eps=None, tol=1
             mid = torch.where(good, sec, mid)
         mid = torch.where(active, mid, lo)
         idx = active.nonzero().squeeze(1)
-        f = _worst_margin(model, x[idx], y[idx], tmpl, mid[idx], method, opts, twin)
+        f = _worst_margin(model, x[idx], y[idx], tmpl, mid[idx], method, opts, twin, stats)
         cert = torch.zeros(B, dtype=torch.bool, device=x.device)
         fm = torch.zeros(B, dtype=x.dtype, device=x.device)
         cert[idx] = f > 0
