@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--eps", type=float, default=None, help="radius (default: the run's evaluation eps)")
     p.add_argument("--method", default="crown",
                    help="complete: bab | milp | lp (the triangle LP: sound, incomplete); relaxations: ibp | hbox | "
-                        "deepz | fastlin | crown | crown-ibp | alpha-crown (default: crown)")
+                        "deepz | fastlin | crown | crown-ibp | alpha-crown | box-c:OMEGA | box-dc:OMEGA:F "
+                        "(loose Box, docs/verification.md) (default: crown)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per sample (bab, milp, lp)")
     p.add_argument("--n", type=int, default=None, help="first N test samples (default: all)")
     p.add_argument("--out", default=None, help="JSON-lines output (default: RUN_DIR/certify_<method>_<norm>_<eps>[_float64][_best].jsonl)")
@@ -179,11 +180,16 @@ def certify_cmd(args) -> int:
     if method not in COMPLETE:
         from certlab.bounds.api import resolve_method
 
-        try:
+        from certlab.bounds.loosebox import is_loosebox
+
+        if is_loosebox(method):  # box-c:OMEGA / box-dc:OMEGA:F; bad parameters: its one-line error
             method = resolve_method(method)
-        except CertlabError:
-            method = None
-    if method not in ALL_METHODS:
+        else:
+            try:
+                method = resolve_method(method)
+            except CertlabError:
+                method = None
+    if method not in ALL_METHODS and not (method and method.startswith("box-")):
         import difflib
 
         near = difflib.get_close_matches(args.method.lower(), ALL_METHODS, n=2)
