@@ -96,8 +96,8 @@ def bounds(model, x, threat, method="crown", C=None, **opts) -> Bounds:
     """Sound lower/upper bounds of model(x') (or of C·model(x')) over every x' in ``threat`` around x.
 
     Without C: lower/upper have the shape of model(x), [B, K]. With C of shape [B, S, K] or [S, K]: bounds of
-    C·logits, shape [B, S]. ``method`` is one of :data:`METHODS` or a loose Box (:data:`PARAMETRISED`); extra options: ``beta`` (crown-ibp),
-    ``iters``/``lr`` (alpha-crown).
+    C·logits, shape [B, S]. ``method`` is one of :data:`METHODS` or a loose Box (:data:`PARAMETRISED`); extra
+    options: ``beta`` (crown-ibp), ``iters``/``lr`` (alpha-crown).
     """
     return compute(model, x, threat, method, C, lower_only=False, **opts)
 

@@ -65,7 +65,7 @@ def register(subparsers) -> None:
                    help="torch CPU threads (0: torch's default; 1 is much faster on a busy machine)")
     p.set_defaults(func=certify_cmd)
 
-    d = subparsers.add_parser("diagnose", help="tightness, continuity and sensitivity (Jovanovic et al.) per relaxation",
+    d = subparsers.add_parser("diagnose", help="tightness, continuity and sensitivity of relaxations (Jovanovic et al.)",
                               description="Compare relaxations on a trained run's model: one row per relaxation, "
                                           "measured on the first --n test samples.",
                               epilog=DIAGNOSE_COLUMNS, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,8 +31,8 @@ The paper's properties, and how certlab measures them:
   over the sweep points where the neuron crosses zero (l < 0 < u) of |∂²bound/∂t²| / (1 + |∂bound/∂t|) (finite
   differences over t ± 1e-5 along the sweep, so that the isolated kinks and jumps of a piecewise-linear bound rarely
   fall inside a stencil; relative to the slope, so that float64 rounding in a steep bound — box-dc with a large ωF
-  has slope 1 + ωF — does not read as curvature), the largest over the probe's bounds and the two sweeps. Piecewise linear: 0 (kinks are isolated points);
-  rational: > 0. ``sensitive`` is relu_curv > ``CURV_TOL``.
+  has slope 1 + ωF — does not read as curvature), the largest over the probe's bounds and the two sweeps.
+  Piecewise linear: 0 (kinks are isolated points); rational: > 0. ``sensitive`` is relu_curv > ``CURV_TOL``.
 - **Tightness**: the paper reports one scalar per relaxation (higher = tighter, e.g. IBP 0.73, hBox 1.76, DeepZ
   3.00, CROWN 3.36 on MNIST CONV) but publishes no procedure for it. certlab's own measure, ``inv_gap``, is
   1 / mean over samples and j ≠ y of (f_y(x) − f_j(x)) − m_j, the clean margin minus the relaxation's lower bound on
