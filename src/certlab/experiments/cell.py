@@ -97,10 +97,11 @@ def diagnostics_metrics(rows, own: str) -> dict:
     return out
 
 
-def run_cell_diagnostics(config: dict, run_dir: str, n: int = 64, lp_samples: int = 2, grid: int = 21) -> dict:
+def run_cell_diagnostics(config: dict, run_dir: str, n: int = 64, lp_samples: int = 2, grid: int = 11) -> dict:
     """:func:`run_cell`, then ``certlab.verify.diagnostics.diagnose`` (1/gap tightness, continuity and sensitivity
     classes with their probe measurements, loss jump, width, LP gap, …) of the trained model under every
-    ``eval_certify`` relaxation on the first ``n`` test points (LP gap on ``lp_samples`` of them, loss jump from a ``grid``-point scan); numeric values go to
+    ``eval_certify`` relaxation on the first ``n`` test points (LP gap on ``lp_samples`` of them, loss jump from a
+    ``grid``-point scan on 16 of them); numeric values go to
     ``metrics["diag"][relaxation]`` (``"own"`` = the training relaxation)."""
     result = run_cell(config, run_dir)
     from certlab.train import load_run

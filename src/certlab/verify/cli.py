@@ -24,9 +24,10 @@ columns (one row per relaxation; means over the --n samples; docs/verification.m
                CROWN-IBP no). A property of the relaxation, the same for every model
   relu jump    the measurement behind it: largest jump of the bounds of a probe network (one ReLU, inputs whose
                box gives z in [l, u]) as (l, u) sweeps two lines, isolated by bisection (0: continuous)
-  loss jump    the same on this model: largest jump of the certified loss CE(-margins) along a random weight
-               direction (norm --radius x |weights|, --grid points, then bisection), in float64. ~0 where the loss
-               is continuous on that segment; > 0: a transformer switched cases inside it (- : --grid 0)
+  loss jump    the same on this model: largest jump of the certified loss CE(-margins) of the first --loss-n
+               samples along a random weight direction (norm --radius x |weights|, --grid points, then 16
+               bisections of the 2 largest changes). Below ~1e-5: no jump found (what is left is the loss's slope
+               over the last bracket); larger: a transformer switched cases inside it (- : --grid 0)
   sensitive    Jovanovic et al.'s sensitivity: does the bound depend on (l, u), hence on the earlier weights,
                through bound-dependent slopes such as u/(u - l) (a rational function: yes) or only piecewise
                linearly (no)? yes when relu curv > 1e-3 (paper: IBP, hBox no; DeepZ, CROWN, CROWN-IBP yes)
@@ -78,8 +79,9 @@ def register(subparsers) -> None:
     d.add_argument("--n", type=int, default=64, help="test samples (default 64)")
     d.add_argument("--lp-samples", type=int, default=4,
                    help="samples for the gap to the LP optimum (default 4; 0: skip, the slowest part)")
-    d.add_argument("--grid", type=int, default=21,
-                   help="points of the loss-jump scan along a weight direction (default 21; 0: skip it)")
+    d.add_argument("--grid", type=int, default=11,
+                   help="points of the loss-jump scan along a weight direction (default 11; 0: skip it)")
+    d.add_argument("--loss-n", type=int, default=16, help="samples of the loss-jump scan (default 16)")
     d.add_argument("--radius", type=float, default=0.05,
                    help="length of that direction relative to the norm of the weights (default 0.05)")
     d.add_argument("--seed", type=int, default=0, help="seed of that direction (default 0)")
@@ -278,7 +280,7 @@ def diagnose_cmd(args) -> int:
 
     with heartbeat(f"diagnose {','.join(rel)}", not args.no_progress):
         rows = diagnose(model, test, lambda x: maker(x, eps), rel, n=args.n, lp_samples=args.lp_samples,
-                        grid=args.grid, radius=args.radius, seed=args.seed)
+                        grid=args.grid, radius=args.radius, seed=args.seed, loss_n=args.loss_n)
     print(format_rows(rows, f"relaxation diagnostics: {norm} eps={eps:g}, {args.n} samples of {args.run_dir} "
                             "(columns: certlab diagnose --help)"))
     if args.json:

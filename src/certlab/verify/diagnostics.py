@@ -18,7 +18,8 @@ The paper's properties, and how certlab measures them:
   discontinuous one. ``continuous`` is relu_jump < ``JUMP_TOL``.
 - **Continuity of the loss** (certlab's measurement on the model, ``loss_jump``): the certified loss
   L(θ) = CE(−m(θ), y) (m: the margin lower bounds) along θ + t·d, d a random direction with ‖d‖ = radius·‖θ‖,
-  t ∈ [−1, 1] on a ``grid``, in float64; the ``brackets`` neighbour intervals with the largest |ΔL| are bisected
+  t ∈ [−1, 1] on a ``grid`` (in float64 by default; ``diagnose`` scans the first ``loss_n`` samples in the
+  model's dtype, with 2 brackets bisected 16 times); the ``brackets`` neighbour intervals with the largest |ΔL| are bisected
   ``refine`` times, each time keeping the half with the larger change. ``loss_jump`` is the largest |ΔL| left
   across an interval of width 2/(grid − 1)·2⁻ʳᵉᶠⁱⁿᵉ: ≈ 0 where L is continuous on the scanned segment, the jump
   where a transformer switched cases inside it. A continuous relaxation always gives ≈ 0; a discontinuous one gives
@@ -171,23 +172,23 @@ def transformer_properties(method: str) -> dict:
 
 # -- the loss along a weight direction ----------------------------------------------------------------------------
 def loss_jump(model, x, y, threat, method, grid: int = 21, radius: float = 0.05, seed: int = 0,
-              brackets: int = 3, refine: int = 24, direction=None) -> float:
+              brackets: int = 3, refine: int = 24, direction=None, float64: bool = True) -> float:
     """Largest jump of the certified loss along a segment of weight space (module doc: ``loss_jump``), computed in
-    float64. ``direction``: a list of tensors shaped like ``model.parameters()`` (default: random, seeded); it is
-    scaled to ‖d‖ = radius·‖θ‖ (radius·1 when θ = 0)."""
+    float64 unless ``float64`` is False. ``direction``: a list of tensors shaped like ``model.parameters()``
+    (default: random, seeded); it is scaled to ‖d‖ = radius·‖θ‖ (radius·1 when θ = 0)."""
     if grid < 3:
         raise InputError(f"grid must be >= 3 points, got {grid}")
     if not (radius > 0 and math.isfinite(radius)):
         raise InputError(f"radius must be a finite number > 0, got {radius}")
-    net = copy.deepcopy(model).double().eval()
-    x64 = x.double()
+    net = copy.deepcopy(model).eval()
+    net, x64 = (net.double(), x.double()) if float64 else (net, x)
     th = _threat(threat, x64)
     params = list(net.parameters())
     if direction is None:
         gen = torch.Generator().manual_seed(seed)
-        d = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device) for p in params]
+        d = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p) for p in params]
     else:
-        d = [torch.as_tensor(v, dtype=torch.float64).to(p.device) for p, v in zip(params, direction)]
+        d = [torch.as_tensor(v, dtype=torch.float64).to(p) for p, v in zip(params, direction)]
         if len(d) != len(params) or any(v.shape != p.shape for p, v in zip(params, d)):
             raise InputError("direction must hold one tensor shaped like each of the model's parameters")
     norm_p = math.sqrt(sum(float((p.detach() ** 2).sum()) for p in params)) or 1.0
@@ -212,14 +213,16 @@ def loss_jump(model, x, y, threat, method, grid: int = 21, radius: float = 0.05,
 
 # -- the table --------------------------------------------------------------------------------------------------
 def diagnose(model, dataset, threat, relaxations=("ibp", "hbox", "crown", "deepz", "crown-ibp"), n: int = 64,
-             lp_samples: int = 4, grid: int = 21, radius: float = 0.05, seed: int = 0) -> list:
+             lp_samples: int = 4, grid: int = 11, radius: float = 0.05, seed: int = 0, loss_n: int = 16) -> list:
     """One dict per relaxation with keys relaxation, width, lp_gap, certified, unstable, inv_gap, continuous,
     relu_jump, loss_jump, sensitive, relu_curv (module doc). ``dataset``: an object with ``.x``/``.y`` tensors or
-    an (x, y) pair; ``threat``: a threat set or a callable x -> set; ``grid`` 0 skips the loss scan (loss_jump
-    None)."""
+    an (x, y) pair; ``threat``: a threat set or a callable x -> set. The loss scan runs on the first ``loss_n``
+    samples in the model's dtype, with 2 brackets bisected 16 times (its cost: ``grid`` + 32 bound computations per
+    relaxation); ``grid`` 0 skips it (loss_jump None)."""
     x, y = (dataset.x, dataset.y) if hasattr(dataset, "x") else dataset
-    if not isinstance(n, int) or n < 1:
-        raise InputError(f"n must be a positive integer, got {n!r}")
+    for name, v in (("n", n), ("loss_n", loss_n)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(grid, int) or (grid != 0 and grid < 3):
         raise InputError(f"grid must be 0 (no loss scan) or an integer >= 3, got {grid!r}")
     x, y = x[:n], y[:n].long()
@@ -227,6 +230,8 @@ def diagnose(model, dataset, threat, relaxations=("ibp", "hbox", "crown", "deepz
     if not names:
         raise InputError("give at least one relaxation")
     th = _threat(threat, x)
+    k_loss = min(loss_n, x.shape[0])
+    th_loss = th.subset(x, torch.arange(k_loss, device=x.device))
     with eval_mode(model):
         lp_m = None
         if lp_samples > 0:
@@ -260,7 +265,8 @@ def diagnose(model, dataset, threat, relaxations=("ibp", "hbox", "crown", "deepz
             props = transformer_properties(m)
             row["continuous"] = props["continuous"]
             row["relu_jump"] = props["relu_jump"]
-            row["loss_jump"] = loss_jump(model, x, y, th, m, grid, radius, seed) if grid else None
+            row["loss_jump"] = (loss_jump(model, x[:k_loss], y[:k_loss], th_loss, m, grid, radius, seed, brackets=2,
+                                          refine=16, float64=False) if grid else None)
             row["sensitive"] = props["sensitive"]
             row["relu_curv"] = props["relu_curv"]
             rows.append(row)
