@@ -1,6 +1,8 @@
-"""Relaxation diagnostics: orderings that theory guarantees, and the CLI table."""
+"""Relaxation diagnostics: the paper's continuity and sensitivity classes on constructed cases whose answer is known
+analytically, tightness orderings that theory guarantees, and the CLI table."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,38 +17,133 @@ def _net(seed, widths=(4, 16, 16, 3), relu=True):
     return mlp(seed, widths, relu=relu)
 
 
-def test_diagnose_orderings():
+PAPER = {  # Jovanović et al. 2022, Table 1: (continuous, sensitive)
+    "ibp": (True, False), "hbox": (False, False), "crown": (False, True), "deepz": (True, True),
+    "crown-ibp": (False, True),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PAPER))
+def test_transformer_classes_are_the_papers(method):
+    p = diagnostics.transformer_properties(method)
+    assert (p["continuous"], p["sensitive"]) == PAPER[method]
+    assert (p["relu_jump"] < diagnostics.JUMP_TOL) == p["continuous"]
+    assert (p["relu_curv"] > diagnostics.CURV_TOL) == p["sensitive"]
+
+
+def test_fastlin_is_in_deepz_class():
+    p = diagnostics.transformer_properties("fastlin")
+    assert p["continuous"] and p["sensitive"]
+
+
+def _probe(method, l, u):
+    return diagnostics.relu_probe(method, torch.tensor(l, dtype=torch.float64), torch.tensor(u, dtype=torch.float64))
+
+
+def test_crown_lower_slope_switches_at_abs_l_equals_u():
+    """CROWN's lower line of ReLU(z) is 0 for u < −l and z for u > −l: the lower bound of ReLU(z) over [l, u] is 0
+    on one side of |l| = |u| and l on the other."""
+    from certlab.bounds.relu import relu_lines
+
+    a, _, _ = relu_lines(torch.tensor([-1.0, -1.0]), torch.tensor([0.999, 1.001]))
+    assert a.tolist() == [0.0, 1.0]
+    for m in ("crown", "crown-ibp"):
+        b = _probe(m, [-1.0, -1.0], [1 - 1e-9, 1 + 1e-9])
+        assert b[0, 0] == pytest.approx(0.0, abs=1e-12) and b[1, 0] == pytest.approx(-1.0, abs=1e-8)
+
+
+def test_ibp_and_deepz_have_no_jump_where_crown_and_hbox_switch():
+    ls = [-1.0, -1.0, -1e-9, 1e-9]
+    us = [1 - 1e-9, 1 + 1e-9, 1.0, 1.0]
+    for m in ("ibp", "deepz", "fastlin"):
+        b = _probe(m, ls, us)
+        assert (b[0] - b[1]).abs().max() < 1e-7 and (b[2] - b[3]).abs().max() < 1e-7, m
+    # analytically: DeepZ's lower bound of ReLU(z) is λl with λ = u/(u − l); IBP's is relu(l) = 0
+    assert _probe("deepz", [-1.0], [1.0])[0, 0] == pytest.approx(-0.5)
+    assert _probe("ibp", [-1.0], [1.0])[0, 0] == 0.0
+
+
+def test_hbox_jumps_where_l_crosses_zero():
+    """hBox boxes a crossing neuron to [0, u] (its correlation with x1 lost) and keeps it exact once l ≥ 0: the
+    lower bound of ReLU(z) − x1 is −(u/4 + ρ) just below l = 0 and (u/4 − (u/2 − ρ)) just above, a jump of 2ρ."""
+    rho = diagnostics._RHO
+    b = _probe("hbox", [-1e-9, 1e-9], [1.0, 1.0])
+    assert b[0, 1] == pytest.approx(-(0.25 + rho), abs=1e-8)
+    assert b[1, 1] == pytest.approx(0.25 - (0.5 - rho), abs=1e-8)
+    c = _probe("hbox", [-1.0, -1.0], [1 - 1e-9, 1 + 1e-9])  # no switch at |l| = |u|
+    assert (c[0] - c[1]).abs().max() < 1e-7
+
+
+def _one_neuron(bias):
+    """x ↦ [ReLU(x + b), −ReLU(x + b)]: with y = 0 the margin is 2·ReLU(x + b)."""
+    net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.ReLU(), torch.nn.Linear(1, 2))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.fill_(bias)
+        net[2].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        net[2].bias.zero_()
+    return net.eval()
+
+
+def test_loss_jump_detects_crowns_discontinuity_on_one_neuron():
+    """x = 0.5, ε = 0.3: z ∈ [0.2 + b, 0.8 + b], |l| = |u| at b = −0.5. The scan moves b over ±0.1 around
+    −0.487: CROWN's margin bound 2·a·l jumps from 0 to −0.6, so the loss CE(−m) jumps by log(1 + e^0.6) − log 2;
+    IBP's (2·relu(l) = 0) and DeepZ's do not jump."""
+    net = _one_neuron(-0.487)
+    x, y = torch.tensor([[0.5]]), torch.tensor([0])
+    norm = math.sqrt(sum(float((p.detach() ** 2).sum()) for p in net.parameters()))
+    d = [torch.zeros_like(p) for p in net.parameters()]
+    d[1].fill_(1.0)  # the first bias only
+    kw = dict(grid=9, radius=0.1 / norm, direction=d, refine=30)
+    j = {m: diagnostics.loss_jump(net, x, y, certlab.LinfBall(0.3), m, **kw) for m in ("crown", "ibp", "deepz")}
+    assert j["crown"] == pytest.approx(math.log(1 + math.exp(0.6)) - math.log(2), rel=1e-3)
+    assert j["ibp"] < 1e-8 and j["deepz"] < 1e-6
+    with pytest.raises(InputError):
+        diagnostics.loss_jump(net, x, y, certlab.LinfBall(0.3), "crown", grid=2)
+
+
+def test_tightness_ordering_on_a_linear_network():
+    """Without ReLUs CROWN's bounds are exact, so its 1/gap is the largest of any sound relaxation; widening IBP
+    (box-dc, then box-c by more) only lowers it."""
+    model = _net(2, relu=False)
+    x = torch.rand(8, 4, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+    rows = diagnostics.diagnose(model, (x, y), certlab.LinfBall(0.05), ("ibp", "hbox", "deepz", "crown"), n=8,
+                                lp_samples=0, grid=0)
+    r = {row["relaxation"]: row["inv_gap"] for row in rows}
+    assert all(r["crown"] >= v * (1 - 1e-5) for v in r.values()) and r["crown"] > 1.05 * r["ibp"]
+    model = _net(4)
+    rows = diagnostics.diagnose(model, (x, model(x).argmax(1)), certlab.LinfBall(0.05),
+                                ("ibp", "box-dc:0.2:10", "box-c:0.2"), n=8, lp_samples=0, grid=0)
+    g = [row["inv_gap"] for row in rows]
+    assert g[0] > g[1] > g[2] > 0
+    assert all(row["loss_jump"] is None for row in rows)
+
+
+def test_diagnose_rows():
     torch.manual_seed(0)
     model = _net(0)
     x = torch.rand(16, 4, generator=torch.Generator().manual_seed(1))
     y = model(x).argmax(1)
     rows = diagnostics.diagnose(model, (x, y), certlab.LinfBall(0.05), ("ibp", "crown", "crown-ibp", "fastlin"),
-                                n=16, lp_samples=3, grid=9)
+                                n=16, lp_samples=3, grid=5)
     r = {row["relaxation"]: row for row in rows}
     assert set(r) == {"ibp", "crown", "crown-ibp", "fastlin"}
     for m in r:  # the triangle LP (CROWN∩IBP intermediates) is at least as tight as each of these
         assert r[m]["lp_gap"] >= -1e-4
-        assert 0.0 <= r[m]["certified"] <= 1.0 and r[m]["max_slope"] >= 0 and r[m]["sensitivity"] >= 0
+        assert 0.0 <= r[m]["certified"] <= 1.0 and r[m]["inv_gap"] > 0 and r[m]["loss_jump"] >= 0
+    assert r["ibp"]["loss_jump"] < 1e-4  # IBP's loss is continuous in the weights (what is left: slope x bracket)
     assert r["ibp"]["width"] >= r["crown"]["width"] - 1e-6
     assert r["ibp"]["unstable"] >= r["crown"]["unstable"]
     assert r["crown-ibp"]["unstable"] == r["ibp"]["unstable"]  # both use IBP's intermediate bounds
-    assert abs(r["ibp"]["sensitivity"] - 1.0) < 1e-6
     assert r["ibp"]["lp_gap"] > r["crown"]["lp_gap"]
+    assert not r["crown"]["continuous"] and r["ibp"]["continuous"] and r["fastlin"]["sensitive"]
     text = diagnostics.format_rows(rows, "t")
-    assert "crown-ibp" in text and "LP gap" in text
-
-
-def test_continuity_smooth_on_linear_network():
-    """Without ReLUs the certified loss is smooth in the weights: no jump stands out."""
-    model = _net(2, relu=False)
-    x = torch.rand(8, 4, generator=torch.Generator().manual_seed(3))
-    y = model(x).argmax(1)
-    slope, ratio = diagnostics.continuity(model, x, y, certlab.LinfBall(0.05), "crown", grid=21)
-    assert slope > 0 and ratio < 5
-    with pytest.raises(InputError):
-        diagnostics.continuity(model, x, y, certlab.LinfBall(0.05), "crown", grid=2)
+    assert "crown-ibp" in text and "LP gap" in text and "loss jump" in text and " yes" in text
     with pytest.raises(InputError):
         diagnostics.diagnose(model, (x, y), certlab.LinfBall(0.05), ("nope",))
+    with pytest.raises(InputError):
+        diagnostics.diagnose(model, (x, y), certlab.LinfBall(0.05), ("ibp",), grid=2)
 
 
 def test_diagnose_and_certify_cli(tmp_path, capsys):

@@ -238,7 +238,8 @@ def test_every_option_has_real_help():
 
     assert set(TrainConfig.fields()) <= set(HELP)  # a new config field needs its help line
     diag = subs["diagnose"].format_help()
-    for column in ("width", "LP gap", "certified", "unstable", "max slope", "jump ratio", "sensitivity"):
+    for column in ("width", "LP gap", "certified", "unstable", "1/gap", "continuous", "relu jump", "loss jump",
+                   "sensitive", "relu curv"):
         assert f"\n  {column} " in diag, column
 
 

@@ -8,7 +8,7 @@ import sys
 import types
 
 from certlab.bounds.api import (  # noqa: F401
-    METHODS, Bounds, bounds as _bounds, certify, margins, relu_bounds, resolve_method,
+    METHODS, PARAMETRISED, Bounds, bounds as _bounds, certify, margins, relu_bounds, resolve_method,
 )
 from certlab.bounds.core import build_graph  # noqa: F401
 

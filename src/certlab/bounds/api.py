@@ -8,7 +8,7 @@ import torch
 
 from certlab.bounds import core, rounding
 from certlab.bounds.engine import (  # noqa: F401
-    ALIASES, METHODS, RELAXATIONS, Bounds, bounds, compute, fold_spec, intermediate_bounds, margins, relu_bounds,
+    ALIASES, METHODS, PARAMETRISED, RELAXATIONS, Bounds, bounds, compute, fold_spec, intermediate_bounds, margins, relu_bounds,
     resolve_method,
 )
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from certlab.bounds import alpha_crown, core, crown, crown_ibp, deepz, fastlin, hbox, ibp, spec
+from certlab.bounds import alpha_crown, core, crown, crown_ibp, deepz, fastlin, hbox, ibp, loosebox, spec
 from certlab.bounds.ops import LinearOp, SpecLinearOp
 from certlab.bounds.spec import Spec
 from certlab.errors import InputError
@@ -22,6 +22,7 @@ RELAXATIONS = {
     "alpha-crown": alpha_crown,
 }
 METHODS = tuple(RELAXATIONS)
+PARAMETRISED = ("box-c:OMEGA", "box-dc:OMEGA:F")  # loose Box (bounds/loosebox.py): any OMEGA >= 0, F > 0
 ALIASES = {"box": "ibp", "interval": "ibp", "deeppoly": "crown", "coap": "fastlin", "fast-lin": "fastlin",
            "crownibp": "crown-ibp", "alpha": "alpha-crown", "alphacrown": "alpha-crown", "zonotope": "deepz"}
 
@@ -32,13 +33,23 @@ class Bounds(NamedTuple):
 
 
 def resolve_method(method: str) -> str:
+    """The canonical name of a relaxation: one of :data:`METHODS` (or an alias), or a parametrised loose Box
+    ``box-c:ω`` / ``box-dc:ω:F`` (written with its numbers in ``%g`` form)."""
     if not isinstance(method, str):
-        raise InputError(f"method must be a string, one of {', '.join(METHODS)}")
-    m = method.lower()
+        raise InputError(f"method must be a string, one of {', '.join(METHODS + PARAMETRISED)}")
+    m = method.lower().strip()
+    if loosebox.is_loosebox(m):
+        return loosebox.canonical(m)
     m = ALIASES.get(m, m)
     if m not in RELAXATIONS:
-        raise InputError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+        raise InputError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS + PARAMETRISED)}")
     return m
+
+
+def module(method: str):
+    """The relaxation module (``compute``, ``intermediate``) of a canonical name."""
+    mod = RELAXATIONS.get(method)
+    return mod if mod is not None else loosebox.module(method)
 
 
 def fold_spec(g: core.Graph, C) -> core.Graph:
@@ -69,7 +80,7 @@ def compute(model, x, threat, method="crown", C=None, lower_only=False, **opts) 
     C = core.check_spec(C, x.shape[0], K, x)
     if C is not None:
         g = fold_spec(g, C)
-    low, up = RELAXATIONS[method].compute(g, x, threat, lower_only=lower_only, **opts)
+    low, up = module(method).compute(g, x, threat, lower_only=lower_only, **opts)
     if not core.all_finite(low) or (up is not None and not core.all_finite(up)):
         raise InputError("bounds are not finite (overflow in the model's weights or inputs)")
     return Bounds(low, up)
@@ -78,15 +89,15 @@ def compute(model, x, threat, method="crown", C=None, lower_only=False, **opts) 
 @core.float32_exact
 def intermediate_bounds(g, x, threat, method="crown", **opts):
     """{relu node index: (lower, upper)} pre-activation bounds by the given method."""
-    return RELAXATIONS[resolve_method(method)].intermediate(g, x, threat, **opts)
+    return module(resolve_method(method)).intermediate(g, x, threat, **opts)
 
 
 def bounds(model, x, threat, method="crown", C=None, **opts) -> Bounds:
     """Sound lower/upper bounds of model(x') (or of C·model(x')) over every x' in ``threat`` around x.
 
     Without C: lower/upper have the shape of model(x), [B, K]. With C of shape [B, S, K] or [S, K]: bounds of
-    C·logits, shape [B, S]. ``method`` is one of :data:`METHODS`; extra options: ``beta`` (crown-ibp),
-    ``iters``/``lr`` (alpha-crown).
+    C·logits, shape [B, S]. ``method`` is one of :data:`METHODS` or a loose Box (:data:`PARAMETRISED`); extra
+    options: ``beta`` (crown-ibp), ``iters``/``lr`` (alpha-crown).
     """
     return compute(model, x, threat, method, C, lower_only=False, **opts)
 
@@ -97,7 +108,7 @@ def margins(model, x, y, threat, method="crown", **opts) -> torch.Tensor:
     method, g = _prepare(model, x, threat, method)
     K = core.output_dim(g)
     y = core.check_labels(y, x.shape[0], K, x.device)
-    low, _ = RELAXATIONS[method].compute(fold_spec(g, spec.margin_table(y, K, x.dtype)), x, threat, lower_only=True,
+    low, _ = module(method).compute(fold_spec(g, spec.margin_table(y, K, x.dtype)), x, threat, lower_only=True,
                                          **opts)
     if not core.all_finite(low):
         raise InputError("margin bounds are not finite (overflow in the model's weights or inputs)")

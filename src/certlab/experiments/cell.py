@@ -84,24 +84,24 @@ def _diag_threat(cfg, info):
 
 
 def diagnostics_metrics(rows, own: str) -> dict:
-    """``diagnose`` rows -> {relaxation: {numeric key: value}} plus the training relaxation's values under
-    ``own``."""
+    """``diagnose`` rows -> {relaxation: {numeric key: value}} (the yes/no columns continuous and sensitive as
+    1.0/0.0) plus the training relaxation's values under ``own``."""
     out = {}
     for row in rows or []:
         if not isinstance(row, dict):
             continue
         name = str(row.get("relaxation", row.get("method", len(out))))
-        out[name] = {k: float(v) for k, v in row.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out[name] = {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}  # yes/no: 1.0/0.0
     if own in out:
         out["own"] = dict(out[own])
     return out
 
 
-def run_cell_diagnostics(config: dict, run_dir: str, n: int = 64, lp_samples: int = 2, grid: int = 21) -> dict:
-    """:func:`run_cell`, then ``certlab.verify.diagnostics.diagnose`` (tightness, continuity, sensitivity, …)
-    of the trained model under every ``eval_certify`` relaxation on the first ``n`` test points (LP gap on
-    ``lp_samples`` of them, continuity on a ``grid``-point scan); numeric values go to
+def run_cell_diagnostics(config: dict, run_dir: str, n: int = 64, lp_samples: int = 2, grid: int = 11) -> dict:
+    """:func:`run_cell`, then ``certlab.verify.diagnostics.diagnose`` (1/gap tightness, continuity and sensitivity
+    classes with their probe measurements, loss jump, width, LP gap, …) of the trained model under every
+    ``eval_certify`` relaxation on the first ``n`` test points (LP gap on ``lp_samples`` of them, loss jump from a
+    ``grid``-point scan on 16 of them); numeric values go to
     ``metrics["diag"][relaxation]`` (``"own"`` = the training relaxation)."""
     result = run_cell(config, run_dir)
     from certlab.train import load_run

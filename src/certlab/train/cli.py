@@ -26,7 +26,7 @@ HELP = {
     "objective": "standard | pgd | trades | certified | adaptive | sabr | taps | staps | mtl-ibp | exp-ibp | cc-ibp "
                  "(see the list below)",
     "relaxation": "bound method of the certified part of certified, adaptive and the six objectives below (ibp, hbox, "
-                  "deepz, fastlin, crown, crown-ibp, alpha-crown)",
+                  "deepz, fastlin, crown, crown-ibp, alpha-crown; loose Box box-c:OMEGA, box-dc:OMEGA:F)",
     "sabr_lambda": "SABR/STAPS: the small set's radius as a fraction of eps, in (0, 1]; 1 = certified training",
     "taps_head": "TAPS/STAPS: ReLU layers in the PGD-searched head (0: only the final affine layers = IBP)",
     "taps_grad_scale": "TAPS/STAPS: gradient scale w of the TAPS factor",

@@ -135,7 +135,7 @@ class TrainConfig:
 
     # -- checks --------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        from certlab.bounds import METHODS, resolve_method
+        from certlab.bounds import METHODS, PARAMETRISED, loosebox, resolve_method
 
         def choice(name, options):
             v = getattr(self, name)
@@ -167,8 +167,11 @@ class TrainConfig:
         choice("segment_dirs", SEGMENT_DIRS)
         try:
             self.relaxation = resolve_method(self.relaxation)
-        except CertlabError:
-            raise CertlabError(f"unknown relaxation {self.relaxation!r}; choose one of {', '.join(METHODS)}") from None
+        except CertlabError as e:
+            if loosebox.is_loosebox(self.relaxation):  # a loose Box with bad parameters: its own message
+                raise CertlabError(str(e)) from None
+            raise CertlabError(f"unknown relaxation {self.relaxation!r}; choose one of "
+                               f"{', '.join(METHODS + PARAMETRISED)}") from None
         for name in ("eval_certify", "eval_attacks", "lr_milestones"):
             v = getattr(self, name)
             if isinstance(v, str):

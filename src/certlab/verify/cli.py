@@ -10,16 +10,29 @@ from certlab.errors import CertlabError
 from certlab.fileio import mkstemp
 
 DIAGNOSE_COLUMNS = """\
-columns (one row per relaxation; means over the --n samples):
+columns (one row per relaxation; means over the --n samples; docs/verification.md has the details):
   width        mean width upper - lower of the bounds on the logits (smaller: tighter)
   LP gap       mean (LP optimum - relaxation's bound) of the margins f_y - f_j on --lp-samples samples, the LP
                being the triangle relaxation with CROWN intermediate bounds (0: as tight as that LP; - : skipped)
   certified    share of samples whose every margin lower bound is > 0
   unstable     mean count per sample of ReLUs whose input bounds (by this relaxation) cross zero, l < 0 < u
-  max slope    largest |change| of the certified loss between neighbours of a --grid scan along a random weight
-               direction, per unit of the step (Jovanovic et al. 2022: large = discontinuous)
-  jump ratio   that largest change over the median one (>> 1: a jump, i.e. a discontinuity)
-  sensitivity  norm of the certified loss's gradient w.r.t. the weights, relative to IBP's"""
+  1/gap        certlab's tightness measure (higher: tighter): 1 / mean over samples and j != y of the clean margin
+               f_y(x) - f_j(x) minus its lower bound over the set. Not the paper's tightness scalar (Jovanovic et
+               al. 2022 publish no procedure for theirs): compare orderings, not values
+  continuous   Jovanovic et al.'s continuity: is the relaxation's ReLU transformer a continuous function of the
+               pre-activation bounds (l, u)? yes when relu jump < 1e-6 (paper: IBP, DeepZ yes; hBox, CROWN,
+               CROWN-IBP no). A property of the relaxation, the same for every model
+  relu jump    the measurement behind it: largest jump of the bounds of a probe network (one ReLU, inputs whose
+               box gives z in [l, u]) as (l, u) sweeps two lines, isolated by bisection (0: continuous)
+  loss jump    the same on this model: largest jump of the certified loss CE(-margins) of the first --loss-n
+               samples along a random weight direction (norm --radius x |weights|, --grid points, then 16
+               bisections of the 2 largest changes). Below ~1e-5: no jump found (what is left is the loss's slope
+               over the last bracket); larger: a transformer switched cases inside it (- : --grid 0)
+  sensitive    Jovanovic et al.'s sensitivity: does the bound depend on (l, u), hence on the earlier weights,
+               through bound-dependent slopes such as u/(u - l) (a rational function: yes) or only piecewise
+               linearly (no)? yes when relu curv > 1e-3 (paper: IBP, hBox no; DeepZ, CROWN, CROWN-IBP yes)
+  relu curv    the measurement behind it: median over the probe's crossing points of |second derivative| /
+               (1 + |slope|) of its bounds along the sweeps (certlab's measurement; the paper's is analytic)"""
 
 WHICH_HELP = ("checkpoint: last (default) or best (selected on validation samples: the first val_n test samples "
               "unless the run held out val_split training samples)")
@@ -35,7 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--eps", type=float, default=None, help="radius (default: the run's evaluation eps)")
     p.add_argument("--method", default="crown",
                    help="complete: bab | milp | lp (the triangle LP: sound, incomplete); relaxations: ibp | hbox | "
-                        "deepz | fastlin | crown | crown-ibp | alpha-crown (default: crown)")
+                        "deepz | fastlin | crown | crown-ibp | alpha-crown | box-c:OMEGA | box-dc:OMEGA:F "
+                        "(loose Box, docs/verification.md) (default: crown)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per sample (bab, milp, lp)")
     p.add_argument("--n", type=int, default=None, help="first N test samples (default: all)")
     p.add_argument("--out", default=None, help="JSON-lines output (default: RUN_DIR/certify_<method>_<norm>_<eps>[_float64][_best].jsonl)")
@@ -52,7 +66,7 @@ def register(subparsers) -> None:
                    help="torch CPU threads (0: torch's default; 1 is much faster on a busy machine)")
     p.set_defaults(func=certify_cmd)
 
-    d = subparsers.add_parser("diagnose", help="tightness, unstable ReLUs, continuity and sensitivity per relaxation",
+    d = subparsers.add_parser("diagnose", help="tightness, continuity and sensitivity of relaxations (Jovanovic et al.)",
                               description="Compare relaxations on a trained run's model: one row per relaxation, "
                                           "measured on the first --n test samples.",
                               epilog=DIAGNOSE_COLUMNS, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +79,12 @@ def register(subparsers) -> None:
     d.add_argument("--n", type=int, default=64, help="test samples (default 64)")
     d.add_argument("--lp-samples", type=int, default=4,
                    help="samples for the gap to the LP optimum (default 4; 0: skip, the slowest part)")
-    d.add_argument("--grid", type=int, default=41, help="points of the continuity scan (default 41)")
+    d.add_argument("--grid", type=int, default=11,
+                   help="points of the loss-jump scan along a weight direction (default 11; 0: skip it)")
+    d.add_argument("--loss-n", type=int, default=16, help="samples of the loss-jump scan (default 16)")
+    d.add_argument("--radius", type=float, default=0.05,
+                   help="length of that direction relative to the norm of the weights (default 0.05)")
+    d.add_argument("--seed", type=int, default=0, help="seed of that direction (default 0)")
     d.add_argument("--which", choices=("best", "last"), default="last", help=WHICH_HELP)
     d.add_argument("--json", default=None, help="also write the rows to this JSON file")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -179,11 +198,16 @@ def certify_cmd(args) -> int:
     if method not in COMPLETE:
         from certlab.bounds.api import resolve_method
 
-        try:
+        from certlab.bounds.loosebox import is_loosebox
+
+        if is_loosebox(method):  # box-c:OMEGA / box-dc:OMEGA:F; bad parameters: its one-line error
             method = resolve_method(method)
-        except CertlabError:
-            method = None
-    if method not in ALL_METHODS:
+        else:
+            try:
+                method = resolve_method(method)
+            except CertlabError:
+                method = None
+    if method not in ALL_METHODS and not (method and method.startswith("box-")):
         import difflib
 
         near = difflib.get_close_matches(args.method.lower(), ALL_METHODS, n=2)
@@ -256,7 +280,7 @@ def diagnose_cmd(args) -> int:
 
     with heartbeat(f"diagnose {','.join(rel)}", not args.no_progress):
         rows = diagnose(model, test, lambda x: maker(x, eps), rel, n=args.n, lp_samples=args.lp_samples,
-                        grid=args.grid)
+                        grid=args.grid, radius=args.radius, seed=args.seed, loss_n=args.loss_n)
     print(format_rows(rows, f"relaxation diagnostics: {norm} eps={eps:g}, {args.n} samples of {args.run_dir} "
                             "(columns: certlab diagnose --help)"))
     if args.json:
