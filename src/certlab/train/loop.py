@@ -8,6 +8,11 @@ Reproducibility: all seeds come from ``cfg.seed``; batches are drawn from a priv
 at the end of every epoch, so a run killed at any moment and resumed with ``resume=True`` continues from the last
 completed epoch and ends with the same weights as an uninterrupted run (on the same device and thread count).
 
+Schedules: the config's auto schedule fields are resolved once, at the start (:func:`resolve_for_run`; a resumed
+run keeps the values stored in it), the recipe is printed as one line and kept in ``summary.json`` (``schedule``).
+A run whose training accuracy is still at chance at the end of an epoch after the ε ramp prints one warning naming
+the likely cause and the options to change, also kept in ``metrics.jsonl`` (``warning``) and ``summary.json``.
+
 Model selection: after each epoch the model is validated (clean error for ``standard``, PGD-10 robust error for
 ``pgd``/``trades``, certified error by the training relaxation otherwise, at the evaluation ε) on ``val_split``
 training samples held out from training when ``val_split`` > 0, else on the first ``val_n`` test samples;

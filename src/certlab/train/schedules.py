@@ -85,7 +85,8 @@ def describe(cfg) -> str:
     warm = (f"warm-up {num(r.eps_start_epoch)} ep (ε = 0){tag('eps_start_epoch')}" if r.eps_start_epoch > 0
             else f"no warm-up{tag('eps_start_epoch')}")
     if r.eps_ramp_epochs > 0:
-        ramp = f"ε ramp {num(r.eps_ramp_epochs)} ep to {num(cfg.eps)} ({r.eps_schedule}){tag('eps_ramp_epochs', 'eps_schedule')}"
+        ramp = (f"ε ramp {num(r.eps_ramp_epochs)} ep to {num(cfg.eps)} ({r.eps_schedule})"
+                f"{tag('eps_ramp_epochs', 'eps_schedule')}")
     else:
         ramp = f"no ε ramp (ε = {num(cfg.eps)} at once){tag('eps_ramp_epochs')}"
     if cfg.objective not in RAMPED:  # κ weighs the clean loss of the certified-type objectives only
