@@ -31,7 +31,7 @@ def _net(d, seed=0, width=16, classes=2):
 
 def _ctx(cfg, info, eps, t=100.0, seed=1):
     maker = ThreatMaker(cfg.norm, info.name, info, cfg.k, cfg.seed)
-    return StepContext(cfg, maker, eps, cfg.kappa_start, cfg.beta_start, t, seed=seed)
+    return StepContext(cfg, maker, eps, cfg.kappa_start or 0.0, cfg.beta_start, t, seed=seed)
 
 
 def _cfg(**kw):

@@ -155,7 +155,7 @@ def _mlp(d, seed=0, bn=False):
 
 def _ctx(cfg, info, eps):
     maker = ThreatMaker(cfg.norm, info.name, info, cfg.k, cfg.seed)
-    return StepContext(cfg, maker, eps, cfg.kappa_start, cfg.beta_start, 100.0, seed=1)
+    return StepContext(cfg, maker, eps, cfg.kappa_start or 0.0, cfg.beta_start, 100.0, seed=1)
 
 
 @pytest.mark.parametrize("objective,extra", [

@@ -117,7 +117,9 @@ def test_train_and_final_evaluation_log_progress_when_stderr_is_a_file(tmp_path)
 # ---- train --resume ---------------------------------------------------------------------------------------------
 def test_resume_reads_the_stored_config_and_extends_epochs(tmp_path, capsys):
     ref = tmp_path / "ref"
-    train({**TINY, "epochs": 3}, ref, progress=False, evaluate=False)
+    from certlab.train import TrainConfig
+    two = TrainConfig.from_dict(TINY).resolved().to_dict()  # an extended run keeps the schedule of its 2-epoch start
+    train({**two, "epochs": 3}, ref, progress=False, evaluate=False)
     run = tmp_path / "run"
     argv = ["train", "--out", str(run), "--no-progress", "--no-eval"]
     for k, v in {**TINY, "epochs": 2}.items():

@@ -15,6 +15,7 @@ import typing
 
 from certlab.errors import CertlabError
 from certlab.train.config import TrainConfig, read_yaml
+from certlab.train.schedules import AUTO
 
 HELP = {
     "dataset": "dataset name (spheres, linsep, mnist, fashion-mnist, cifar10, svhn, digits)",
@@ -47,11 +48,18 @@ HELP = {
                    "milestone) | onecycle",
     "lr_milestones": "epochs of the step / multistep LR schedules, e.g. 50,75",
     "lr_gamma": "LR factor applied at each milestone",
-    "eps_schedule": "shape of the eps ramp: linear | smoothed (slow start, Shi et al. 2021)",
-    "eps_start_epoch": "epoch at which the eps ramp starts (eps = 0 before it)",
-    "eps_ramp_epochs": "epochs over which eps, kappa and beta go from their start to their end value",
-    "kappa_start": "weight of the clean loss in kappa*clean + (1-kappa)*robust loss, at the start of the ramp",
-    "kappa_end": "weight of the clean loss at the end of the ramp",
+    "eps_schedule": "shape of the eps ramp: linear | smoothed (slow start, Shi et al. 2021) (none: auto, smoothed "
+                    "with the auto ramp, else linear)",
+    "eps_start_epoch": "epoch at which the eps ramp starts; eps = 0 (clean training) before it (none: auto, 5% of "
+                       "the epochs for the certified-type objectives certified, adaptive, sabr, taps, staps, mtl-ibp, "
+                       "exp-ibp and cc-ibp when eps_ramp_epochs is auto too, else 0)",
+    "eps_ramp_epochs": "epochs over which eps, kappa and beta go from their start to their end value (none: auto, "
+                       "50% of the epochs for certified-type objectives when eps_start_epoch is auto too, else 0 = "
+                       "full eps at once)",
+    "kappa_start": "weight of the clean loss in kappa*clean + (1-kappa)*robust loss, at the start of the ramp (none: "
+                   "auto, 1 with the auto ramp, 0 for adaptive and otherwise)",
+    "kappa_end": "weight of the clean loss at the end of the ramp (none: auto, 0; adaptive: kappa_start, a "
+                 "constant weight as in ACERT)",
     "beta_start": "crown-ibp: weight of the CROWN back-substitution (vs plain IBP) at the start of the ramp",
     "beta_end": "crown-ibp: weight of the CROWN back-substitution at the end of the ramp",
     "attack": "attack of adversarial (pgd/trades) training, e.g. pgd, apgd-ce; segment for segment sets",
@@ -162,7 +170,15 @@ def _converter(f: dataclasses.Field):
     base = next((a for a in args if a is not type(None)), t) if args else t
     base = typing.get_origin(base) or base
     parse = {bool: _parse_bool, int: int, float: float, dict: _parse_dict, list: _parse_list, str: str}.get(base, str)
+    if f.name in AUTO:
+        return _auto(parse)
     return _optional(parse) if optional else parse
+
+
+def _auto(parse):
+    def f(text):
+        return None if text.strip().lower() in ("auto", "none", "null", "") else parse(text)
+    return f
 
 
 def _show(v) -> str:

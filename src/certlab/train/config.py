@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from certlab.errors import CertlabError
+from certlab.train.schedules import AUTO
 
 OBJECTIVES = ("standard", "pgd", "trades", "certified", "adaptive", "sabr", "taps", "staps", "mtl-ibp", "exp-ibp",
               "cc-ibp")
@@ -52,12 +53,13 @@ class TrainConfig:
     lr_schedule: str = "none"
     lr_milestones: list = field(default_factory=list)
     lr_gamma: float = 0.1
-    # schedules of the robust objectives (epochs may be fractional; schedules advance per step)
-    eps_schedule: str = "linear"
-    eps_start_epoch: float = 0.0
-    eps_ramp_epochs: float = 0.0
-    kappa_start: float = 0.0
-    kappa_end: float = 0.0
+    # schedules of the robust objectives (epochs may be fractional; schedules advance per step). None = auto:
+    # the default recipe of the certified-type objectives, else no ramp (schedules.resolve decides; docs/training.md)
+    eps_schedule: str | None = None
+    eps_start_epoch: float | None = None
+    eps_ramp_epochs: float | None = None
+    kappa_start: float | None = None
+    kappa_end: float | None = None
     beta_start: float = 1.0
     beta_end: float = 1.0
     # adversarial training
@@ -158,11 +160,15 @@ class TrainConfig:
         for name in ("data", "model_params"):
             if not isinstance(getattr(self, name), dict):
                 raise CertlabError(f"{name} must be a mapping, got {getattr(self, name)!r}")
+        for name in AUTO:  # "auto" (YAML, command line) is the same as leaving the field unset
+            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() == "auto":
+                setattr(self, name, None)
         choice("objective", OBJECTIVES)
         choice("norm", NORMS)
         choice("optimizer", OPTIMIZERS)
         choice("lr_schedule", LR_SCHEDULES)
-        choice("eps_schedule", EPS_SCHEDULES)
+        if self.eps_schedule is not None:
+            choice("eps_schedule", EPS_SCHEDULES)
         choice("device", DEVICES)
         choice("segment_dirs", SEGMENT_DIRS)
         try:
@@ -189,14 +195,15 @@ class TrainConfig:
         number("val_split", 0, integer=True)
         number("seed", 0, integer=True)
         number("lr", 0.0, strict=True)
-        for name in ("momentum", "weight_decay", "lr_gamma", "eps_start_epoch", "eps_ramp_epochs", "trades_beta",
-                     "reg_weight"):
+        for name in ("momentum", "weight_decay", "lr_gamma", "trades_beta", "reg_weight"):
             number(name, 0.0)
+        for name in ("eps_start_epoch", "eps_ramp_epochs"):
+            number(name, 0.0, optional=True)
         number("grad_clip", 0.0, strict=True, optional=True)
         number("attack_step", 0.0, strict=True, optional=True)
         for name in ("kappa_start", "kappa_end", "beta_start", "beta_end"):
-            number(name, 0.0)
-            if getattr(self, name) > 1:
+            number(name, 0.0, optional=name.startswith("kappa"))
+            if getattr(self, name) is not None and getattr(self, name) > 1:
                 raise CertlabError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
         number("taps_head", 0, integer=True)
         number("taps_grad_scale", 0.0, strict=True)
@@ -229,6 +236,12 @@ class TrainConfig:
         if self.objective in ("sabr", "staps") and not threat_kind(self.norm).recentres and self.k > 1:
             raise CertlabError(f"objective {self.objective!r} needs k=1 on norm {self.norm!r}: a union of k>1 segments "
                                "moved off its centre leaves the threat set, so there is no small set to propagate")
+
+    def resolved(self) -> "TrainConfig":
+        """This config with its auto (None) schedule fields filled in by :func:`certlab.train.schedules.resolve`."""
+        from certlab.train import schedules
+
+        return schedules.resolve(self)
 
     @property
     def final_eval_eps(self) -> float:

@@ -8,6 +8,11 @@ Reproducibility: all seeds come from ``cfg.seed``; batches are drawn from a priv
 at the end of every epoch, so a run killed at any moment and resumed with ``resume=True`` continues from the last
 completed epoch and ends with the same weights as an uninterrupted run (on the same device and thread count).
 
+Schedules: the config's auto schedule fields are resolved once, at the start (:func:`resolve_for_run`; a resumed
+run keeps the values stored in it), the recipe is printed as one line and kept in ``summary.json`` (``schedule``).
+A run whose training accuracy is still at chance at the end of an epoch after the ε ramp prints one warning naming
+the likely cause and the options to change, also kept in ``metrics.jsonl`` (``warning``) and ``summary.json``.
+
 Model selection: after each epoch the model is validated (clean error for ``standard``, PGD-10 robust error for
 ``pgd``/``trades``, certified error by the training relaxation otherwise, at the evaluation ε) on ``val_split``
 training samples held out from training when ``val_split`` > 0, else on the first ``val_n`` test samples;
@@ -132,7 +137,7 @@ RESUME_MUTABLE = ("device", "root", "epochs", "eval_certify", "eval_attacks", "e
 
 
 def _same_config(stored: dict, cfg: TrainConfig, epochs_done: int = 0):
-    a = TrainConfig.from_dict(stored).to_dict()
+    a = TrainConfig.from_dict(stored).resolved().to_dict()
     b = cfg.to_dict()
     diff = sorted(k for k in a if k not in RESUME_MUTABLE and a[k] != b[k])
     if diff:
@@ -177,9 +182,44 @@ def train(config, out_dir, resume: bool = False, progress: bool = True, evaluate
         raise
 
 
+def resolve_for_run(cfg: TrainConfig, stored: dict | None = None) -> TrainConfig:
+    """The config a run trains with: auto schedule fields take the stored run's values when resuming (so a resumed or
+    extended run keeps the schedule its start resolved), else :func:`schedules.resolve`'s."""
+    if stored is not None:
+        old = TrainConfig.from_dict(stored).resolved()
+        cfg = cfg.replace(**{n: getattr(old, n) for n in schedules.AUTO if getattr(cfg, n) is None})
+    return cfg.resolved()
+
+
+def chance_level(y) -> float:
+    """Accuracy of always predicting the most frequent training label (1/K for K balanced classes)."""
+    counts = torch.bincount(y.flatten().long().cpu())
+    return float(counts.max()) / max(int(counts.sum()), 1)
+
+
+def at_chance(train_acc: float, chance: float) -> bool:
+    """Training accuracy no better than chance: at most chance + 5 % of the room above it (0.145 for 10 balanced
+    classes, 0.525 for 2)."""
+    return train_acc <= chance + 0.05 * (1.0 - chance)
+
+
+def chance_warning(cfg: TrainConfig, record: dict, chance: float, K: int) -> str:
+    """The one-line warning for a run still at chance after its ε ramp: the likely cause and the flags to change."""
+    head = (f"warning: training accuracy {record['train_acc']:.3f} is at chance ({chance:.3f}, {K} classes) at the "
+            f"end of epoch {record['epoch']}")
+    if cfg.objective == "standard" or cfg.eps == 0:
+        return f"{head}; the learning rate is likely wrong for this model: change --lr, or train longer (--epochs)"
+    kappa = ", a clean start --kappa-start 1" if cfg.objective in schedules.RAMPED else ""
+    return (f"{head}, after the eps ramp: eps {cfg.eps:g} was likely reached too fast or is too large for this "
+            f"model, or the learning rate is wrong; try a longer warm-up and ramp (--eps-start-epoch, "
+            f"--eps-ramp-epochs{kappa}), another --lr, or more --epochs")
+
+
 def _train(cfg, out_dir, resume, progress, evaluate, bars) -> dict:
     path = {k: os.path.join(out_dir, v) for k, v in FILES.items()}
     state = ckpt.load(path["last"]) if resume and os.path.exists(path["last"]) else None
+    asked = cfg
+    cfg = resolve_for_run(cfg, state["config"] if state is not None else None)
     if state is not None:
         _same_config(state["config"], cfg, int(state["epoch"]))
 
@@ -214,6 +254,11 @@ def _train(cfg, out_dir, resume, progress, evaluate, bars) -> dict:
     maker = ThreatMaker(cfg.norm, info.name, info, cfg.k, cfg.seed, cfg.segment_dirs)
     objective = OBJECTIVES[cfg.objective]
     x_all, y_all = x_train.to(device), y_train.to(device)
+    schedule = schedules.describe(asked if state is None else cfg)
+    if progress and cfg.objective != "standard":
+        print(f"schedule: {schedule}", file=sys.stderr, flush=True)
+    chance, K = chance_level(y_train), int(ds["num_classes"])
+    warnings = [h["warning"] for h in history if h.get("warning")]
 
     def payload(epoch):
         return {"arch": cfg.model, "model_params": dict(cfg.model_params), "normalize": cfg.normalize,
@@ -280,6 +325,10 @@ def _train(cfg, out_dir, resume, progress, evaluate, bars) -> dict:
                   "val_clean_error": val_clean, "val_robust_error": val_rob, "val_unstable_relus": val_unstable,
                   "time_s": time.perf_counter() - t0}
         record.update({k: tot[k] for k in EPOCH_SUMS if k in tot})
+        if not warnings and not schedules.in_warmup(cfg, t_end) and at_chance(record["train_acc"], chance):
+            record["warning"] = chance_warning(cfg, record, chance, K)
+            warnings.append(record["warning"])
+            print(record["warning"], file=sys.stderr, flush=True)
         history.append(record)
         score = val_rob if val_rob is not None else val_clean
         improved = not schedules.in_warmup(cfg, t_end) and score < best
@@ -298,7 +347,8 @@ def _train(cfg, out_dir, resume, progress, evaluate, bars) -> dict:
     if not os.path.exists(path["best"]) and os.path.exists(path["last"]):
         ckpt.save(path["best"], payload(cfg.epochs))
     summary = {"epochs": cfg.epochs, "last": history[-1] if history else None,
-               "train_time_s": sum(h["time_s"] for h in history), "validation": val_desc}
+               "train_time_s": sum(h["time_s"] for h in history), "validation": val_desc, "schedule": schedule,
+               "warnings": warnings}
     if evaluate:
         from certlab.train.run import evaluate_run
 
