@@ -101,8 +101,9 @@ def test_study1_files_use_the_papers_set_and_budgets():
     root = os.path.join(os.path.dirname(__file__), "..", "experiments")
     assert not os.path.exists(os.path.join(root, "study1_spheres_k_random_cpu.yaml"))
     for name in ("study1_spheres_k.yaml", "study1_spheres_k_cpu.yaml"):
-        doc = yaml.safe_load(open(os.path.join(root, name)))
+        doc = next(yaml.safe_load_all(open(os.path.join(root, name))))   # the first document: the paper's set
         assert "segment_dirs" not in doc["base"] and doc["base"]["norm"] == "segments"
+        assert TrainConfig.from_dict(doc["base"]).segment_dirs == "random"
     docs = list(yaml.safe_load_all(open(os.path.join(root, "study1_mnist.yaml"))))
     budgets = set()
     labels = set()
