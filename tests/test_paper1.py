@@ -123,3 +123,30 @@ def test_study1_files_use_the_papers_set_and_budgets():
     assert budgets == {("linf", 0.1), ("linf", 0.2), ("linf", 0.3), ("linf", 0.4),
                        ("l2", 0.5), ("l2", 0.75), ("l2", 1.0), ("l2", 1.25)}
     assert labels == {"AT", "IBP", "Fast-IBP", "CROWN-IBP", "Fast-Lin (COAP bound)"}
+
+
+def test_study1_mnist_cpu_cut_keeps_the_full_files_recipes():
+    """The CPU cut is a subset of the full file's cells up to the model: same recipes per method, the protocol's
+    seeds and evaluation, Table 1's budgets."""
+    import os
+    root = os.path.join(os.path.dirname(__file__), "..", "experiments")
+    full = next(yaml.safe_load_all(open(os.path.join(root, "study1_mnist.yaml"))))
+    cut = next(yaml.safe_load_all(open(os.path.join(root, "study1_mnist_cpu.yaml"))))
+
+    def recipes(doc):
+        g = next(g for g in doc["zip"] if "objective" in g)
+        out = {}
+        for i in range(len(g["objective"])):
+            cfg = {k: v[i] for k, v in g.items()}
+            out[report.method_label(cfg)] = cfg
+        return out
+
+    full_r, cut_r = recipes(full), recipes(cut)
+    assert set(cut_r) == {"AT", "IBP", "Fast-IBP"}
+    for label, cfg in cut_r.items():
+        assert cfg == full_r[label]
+    g = next(g for g in cut["zip"] if "eps" in g)
+    assert set(zip(g["norm"], g["eps"])) == {("linf", 0.1), ("l2", 0.75)}
+    assert len(cut["grid"]["seed"]) >= 3 and cut["base"]["eval_n"] >= 2000 and cut["base"]["data"]["n"] == 5000
+    assert {k: v for k, v in cut["base"].items() if k not in ("model", "val_n")} == \
+        {k: v for k, v in full["base"].items() if k not in ("model", "val_n")}
