@@ -268,8 +268,9 @@ def test_ibp_objective_reuses_the_bound_pass_logits(kappa):
 def test_segment_directions_signal_vs_random_on_spheres():
     ds = cdata.load("spheres", "train", d=10, n=64, margin=20.0, seed=0)
     x = ds.x[:16]
-    signal = ThreatMaker("segments", "spheres", ds.info, k=3, seed=0)
-    rand = ThreatMaker("segments", "spheres", ds.info, k=3, seed=0, dirs="random")
+    signal = ThreatMaker("segments", "spheres", ds.info, k=3, seed=0, dirs="signal")
+    rand = ThreatMaker("segments", "spheres", ds.info, k=3, seed=0)   # the default: the paper's random directions
+    assert TrainConfig().segment_dirs == "random" and rand.dirs == "random"
     ds_sig, ds_rand = signal.directions(x), rand.directions(x)
     radial = x / x.norm(dim=1, keepdim=True)
     assert ds_sig.shape == (16, 3, 10) and torch.allclose(ds_sig[:, 0], radial, atol=1e-5)   # per sample, radial first

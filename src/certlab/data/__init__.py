@@ -101,7 +101,8 @@ def signal_directions(name_or_dataset, k: int = 1, seed: int = 0, x: torch.Tenso
     spheres: the radial direction x/‖x‖ of each sample first, then k − 1 seeded directions orthogonal to it,
     ``[B, k, d]`` (``x`` required, or the dataset's own ``.x`` when a dataset is passed). Others: ``k`` seeded random orthonormal directions
     ``[k, *input_shape]`` (input shape from ``x`` if given, else from the dataset / :func:`info`), on ``x``'s
-    device when given."""
+    device when given. These are the runs' directions under ``segment_dirs: signal``; the default ``random``
+    (the paper's B_{ε,k}) uses the k seeded orthonormal directions, nested in k, on every dataset, spheres too."""
     if isinstance(name_or_dataset, ArrayDataset):
         key, shape = name_or_dataset.name, tuple(name_or_dataset.x.shape[1:])
         if key == "spheres" and x is None:

@@ -42,6 +42,7 @@ from certlab.fileio import mkstemp
 RELAX_NAMES = {"ibp": "IBP", "hbox": "hBox", "deepz": "DeepZ", "fastlin": "Fast-Lin", "crown": "CROWN",
                "crown-ibp": "CROWN-IBP", "alpha-crown": "α-CROWN"}
 OBJ_NAMES = {"pgd": "AT", "trades": "TRADES", "standard": "standard"}
+CERTIFIED_NAMES = {"fastlin": "Fast-Lin (COAP bound)"}  # training methods named unlike their relaxation
 METHOD_KEYS = ("objective", "relaxation")
 AXIS_LABELS = {"k": "k (number of segments)", "eps": "ε", "data.margin": "margin γ", "kappa_end": "κ",
                "kappa_start": "κ", "seed": "seed"}
@@ -54,16 +55,36 @@ _DIAG = re.compile(r"^diag\.own\.")  # relaxation diagnostics of the training re
 
 # ---- grouping ---------------------------------------------------------------------------------------------
 def method_label(config: dict) -> str:
-    """AT / TRADES / standard for empirical objectives; the relaxation for certified training; ACERT (relax)."""
+    """AT / TRADES / standard for empirical objectives; for certified training the method the paper names:
+
+    - relaxation ``ibp`` with Fast-IBP's extras (``ibp_init`` and/or ``fast_ibp_reg``, Shi et al. 2021):
+      "Fast-IBP"; without them "IBP" (plain IBP, Gowal et al.);
+    - ``fastlin``: "Fast-Lin (COAP bound)": the dual bound of Wong & Kolter's COAP with its fixed slopes u/(u−l)
+      is Fast-Lin's bound; certlab computes it exactly (COAP's training estimates it with random projections);
+    - any other relaxation by its name (CROWN-IBP, ...); ACERT (relaxation) for ``adaptive``.
+    """
     obj = config.get("objective", "standard")
     relax = RELAX_NAMES.get(config.get("relaxation"), str(config.get("relaxation")))
     if obj in OBJ_NAMES:
         return OBJ_NAMES[obj]
     if obj == "certified":
-        return relax
+        if config.get("relaxation") == "ibp" and (config.get("ibp_init") or config.get("fast_ibp_reg")):
+            return "Fast-IBP"
+        return CERTIFIED_NAMES.get(config.get("relaxation"), relax)
     if obj == "adaptive":
         return f"ACERT ({relax})"
     return f"{obj} ({relax})"
+
+
+def method_keys(spec: dict) -> set:
+    """The method keys plus every key zipped with one of them: a zip group that advances ``objective`` /
+    ``relaxation`` together with each method's recipe (epochs, lr, batch_size, ibp_init, ...) is the method axis,
+    not a set of panels or an x axis."""
+    keys = set(METHOD_KEYS)
+    for g in spec.get("zip", []):
+        if keys & set(g):
+            keys |= set(g)
+    return keys
 
 
 def _is_number(v) -> bool:
@@ -80,7 +101,8 @@ def split_axes(spec: dict, cells: list) -> tuple:
     axes = list(spec.get("grid", {}))
     for g in spec.get("zip", []):
         axes.extend(g)
-    rest = [a for a in axes if not is_seed_axis(a) and a not in METHOD_KEYS]
+    mkeys = method_keys(spec)
+    rest = [a for a in axes if not is_seed_axis(a) and a not in mkeys]
     numeric = [a for a in rest if all(_is_number(c["params"].get(a)) for c in cells if a in c["params"])]
     numeric = [a for a in numeric if len({c["params"].get(a) for c in cells}) > 1]
     x = numeric[0] if numeric else None

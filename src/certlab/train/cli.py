@@ -37,7 +37,8 @@ HELP = {
     "norm": "threat set: linf or l2 ball, or segments (a union of k segments per sample)",
     "eps": "training radius: the value the eps schedule ramps up to",
     "k": "segments: number of segments per sample",
-    "segment_dirs": "segments: along the dataset's signal directions (signal) or k seeded random ones (random)",
+    "segment_dirs": "segments: k seeded random orthonormal directions, nested in k (random, the paper's B_eps,k) "
+                    "or the dataset's signal directions (signal: radial + k-1 orthogonal on spheres)",
     "epochs": "epochs to train (with --resume, a larger value extends the run)",
     "batch_size": "samples per optimiser step",
     "lr": "learning rate (the peak with lr_schedule onecycle)",

@@ -42,7 +42,7 @@ class TrainConfig:
     norm: str = "linf"
     eps: float = 0.1
     k: int = 1
-    segment_dirs: str = "signal"  # segments: the dataset's signal directions, or k seeded random ones ("random")
+    segment_dirs: str = "random"  # segments: k seeded random orthonormal ones, nested in k (B_eps,k), or "signal"
     # optimisation
     epochs: int = 10
     batch_size: int = 128

@@ -1,6 +1,8 @@
-"""The threat set of a run for a batch: ``LinfBall`` / ``L2Ball`` on the dataset's domain, or a ``SegmentUnion`` along
-the dataset's signal directions (radial per sample for ``spheres``, k seeded orthonormal directions otherwise) or,
-with ``dirs="random"``, along k seeded orthonormal directions shared by every sample (on spheres too)."""
+"""The threat set of a run for a batch: ``LinfBall`` / ``L2Ball`` on the dataset's domain, or a ``SegmentUnion``
+B_{ε,k}: with ``dirs="random"`` (the default) along k seeded orthonormal directions shared by every sample, nested
+in k (De Bartolomeis et al. 2023's construction, on every dataset); with ``dirs="signal"`` along the dataset's
+signal directions (for ``spheres`` each point's radial direction plus k − 1 orthogonal to it; elsewhere the same
+k seeded orthonormal directions as ``random``)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from certlab.train.config import SEGMENT_DIRS
 class ThreatMaker:
     """``maker(x, eps)`` -> the run's threat set around the batch ``x`` with radius ``eps`` (float or [B] tensor)."""
 
-    def __init__(self, norm: str, dataset: str, info, k: int = 1, seed: int = 0, dirs: str = "signal"):
+    def __init__(self, norm: str, dataset: str, info, k: int = 1, seed: int = 0, dirs: str = "random"):
         try:
             _threat.kind(norm)
         except InputError as e:
