@@ -10,7 +10,7 @@ from certlab.train import TrainConfig, schedules, train
 from certlab.train.loop import at_chance, resolve_for_run
 
 RAMPED = ("certified", "adaptive", "sabr", "taps", "staps", "mtl-ibp", "exp-ibp", "cc-ibp")
-AUTO = ("eps_start_epoch", "eps_ramp_epochs", "eps_schedule", "kappa_start", "kappa_end")
+AUTO = ("eps_start_epoch", "eps_ramp_epochs", "eps_schedule", "kappa_start", "kappa_end", "ibp_init")
 
 
 def _values(cfg):
@@ -44,7 +44,7 @@ def test_auto_recipe_of_each_certified_type_objective(objective):
 def test_other_objectives_keep_no_ramp(objective):
     r = TrainConfig(objective=objective, epochs=20).resolved()
     assert _values(r) == {"eps_start_epoch": 0.0, "eps_ramp_epochs": 0.0, "eps_schedule": "linear",
-                          "kappa_start": 0.0, "kappa_end": 0.0}
+                          "kappa_start": 0.0, "kappa_end": 0.0, "ibp_init": False}
     assert schedules.eps_at(TrainConfig(objective=objective, eps=0.3), 0.0) == pytest.approx(0.3)
 
 
@@ -59,14 +59,14 @@ def test_recipe_schedule_values_over_time():
 
 def test_explicit_values_are_untouched():
     full = {"eps_start_epoch": 2.0, "eps_ramp_epochs": 3.0, "eps_schedule": "linear", "kappa_start": 0.4,
-            "kappa_end": 0.1}
+            "kappa_end": 0.1, "ibp_init": False}
     for objective in RAMPED + ("standard", "pgd"):
         cfg = TrainConfig(objective=objective, epochs=20, **full)
         assert cfg.resolved() is cfg and _values(cfg) == full
     # a ramp set by hand (as the study files do): the unset fields keep the plain values, as before auto existed
     r = TrainConfig(objective="certified", epochs=20, eps_ramp_epochs=10).resolved()
     assert _values(r) == {"eps_start_epoch": 0.0, "eps_ramp_epochs": 10, "eps_schedule": "linear",
-                          "kappa_start": 0.0, "kappa_end": 0.0}
+                          "kappa_start": 0.0, "kappa_end": 0.0, "ibp_init": False}
     r = TrainConfig(objective="sabr", epochs=20, eps_start_epoch=0).resolved()
     assert (r.eps_ramp_epochs, r.kappa_start) == (0.0, 0.0)
     # single explicit fields next to the auto ramp
@@ -141,3 +141,16 @@ def test_chance_warning_fires_once_on_a_run_that_cannot_learn(tmp_path, capsys):
     assert "at chance" in w and "--eps-ramp-epochs" in w and "--lr" in w and "--epochs" in w and "\n" not in w
     rows = [json.loads(line) for line in open(os.path.join(tmp_path, "r", "metrics.jsonl"))]
     assert [bool(r.get("warning")) for r in rows] == [False, True, False]  # first epoch after the ramp (1.65)
+
+
+def test_ibp_init_auto_on_for_the_sota_objectives_only():
+    from certlab.train.config import TrainConfig
+
+    for obj in ("sabr", "taps", "staps", "mtl-ibp", "exp-ibp", "cc-ibp"):
+        assert TrainConfig(objective=obj).resolved().ibp_init is True
+        assert TrainConfig(objective=obj, ibp_init=False).resolved().ibp_init is False   # a set value stays
+    for obj in ("standard", "pgd", "certified", "adaptive"):
+        assert TrainConfig(objective=obj).resolved().ibp_init is False
+    assert TrainConfig(objective="taps", ibp_init="auto").ibp_init is None
+    with pytest.raises(CertlabError, match="ibp_init"):
+        TrainConfig(ibp_init="yes please")

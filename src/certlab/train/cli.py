@@ -70,7 +70,8 @@ HELP = {
     "trades_beta": "trades: weight of the KL term",
     "fast_ibp_reg": "add the Fast-IBP warm-up regularisers (Shi et al. 2021) while eps ramps up",
     "reg_weight": "weight of the Fast-IBP regularisers",
-    "ibp_init": "Fast-IBP weight initialisation (Shi et al. 2021)",
+    "ibp_init": "Fast-IBP weight initialisation (Shi et al. 2021); auto: on for sabr, taps, staps, mtl-ibp, exp-ibp, "
+                "cc-ibp, off otherwise",
     "grad_clip": "clip the gradient norm to this value (none: no clipping)",
     "seed": "seed of the data order, initialisation, attacks and generated datasets",
     "device": "cpu | cuda",

@@ -71,7 +71,7 @@ class TrainConfig:
     # certified-training extras
     fast_ibp_reg: bool = False
     reg_weight: float = 0.5
-    ibp_init: bool = False
+    ibp_init: bool | None = None  # None: auto (True for sabr/taps/staps/mtl-ibp/exp-ibp/cc-ibp; schedules.resolve)
     grad_clip: float | None = None
     # state-of-the-art certified training (sabr, taps, staps, mtl-ibp, exp-ibp, cc-ibp); see docs/training.md
     sabr_lambda: float = 0.4  # radius of SABR's (and STAPS's) small set as a fraction of ε, in (0, 1]
@@ -213,7 +213,7 @@ class TrainConfig:
                 raise CertlabError(f"{name} must lie in {'[0' if name == 'cert_alpha' else '(0'}, 1], "
                                    f"got {getattr(self, name)!r}")
         for name in ("normalize", "fast_ibp_reg", "ibp_init", "eval_acr", "taps_ibp_mult"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), bool) and not (name == "ibp_init" and self.ibp_init is None):
                 raise CertlabError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.root is not None and not isinstance(self.root, str):
             raise CertlabError(f"root must be a path string, got {self.root!r}")

@@ -17,7 +17,8 @@ None ("auto"); :func:`resolve` (the one place that decides them) fills them in:
   is clean anyway: at ε_t = 0 every training radius is 0 and its certified loss is the clean loss);
 - any other objective, or a run that sets the ramp itself (as the study files do), gets the plain values: no
   warm-up, no ramp (full ε from the first step), ``linear``, κ = 0;
-- ``kappa_end`` left auto is 0, except for ``adaptive``, where κ is a constant trade-off weight: ``kappa_start``.
+- ``kappa_end`` left auto is 0, except for ``adaptive``, where κ is a constant trade-off weight: ``kappa_start``;
+- ``ibp_init`` left auto is True for the state-of-the-art objectives (:data:`IBP_INIT`), False otherwise.
 
 A value that is set is never changed. Training resolves its config once, at the start of a run, and stores the
 resolved values (``config.yaml``, checkpoints), so a resumed or extended run keeps its schedule.
@@ -27,10 +28,13 @@ from __future__ import annotations
 
 MID, POWER = 0.25, 4.0
 
-AUTO = ("eps_start_epoch", "eps_ramp_epochs", "eps_schedule", "kappa_start", "kappa_end")
+AUTO = ("eps_start_epoch", "eps_ramp_epochs", "eps_schedule", "kappa_start", "kappa_end", "ibp_init")
 """Schedule fields whose None means "auto" (decided by :func:`resolve`)."""
 RAMPED = ("certified", "adaptive", "sabr", "taps", "staps", "mtl-ibp", "exp-ibp", "cc-ibp")
 """Objectives that get the default recipe (a warm-up, an ε ramp and a κ schedule) when their ramp is unset."""
+IBP_INIT = ("sabr", "taps", "staps", "mtl-ibp", "exp-ibp", "cc-ibp")
+"""Objectives whose ``ibp_init`` left auto is True (CTBench initialises all of them so; TAPS does not train without
+it at the default recipe's short ramps)."""
 WARMUP, RAMP = 0.05, 0.5  # fractions of the run's epochs: clean warm-up, then the ε ramp
 
 
@@ -47,6 +51,7 @@ def auto_values(cfg) -> dict:
            "kappa_start": 1.0 if recipe and cfg.objective != "adaptive" else 0.0}
     kappa_start = out["kappa_start"] if cfg.kappa_start is None else cfg.kappa_start
     out["kappa_end"] = kappa_start if cfg.objective == "adaptive" else 0.0
+    out["ibp_init"] = cfg.objective in IBP_INIT
     return {name: out[name] for name in AUTO if name in unset}
 
 
@@ -93,7 +98,8 @@ def describe(cfg) -> str:
         return f"{warm}, {ramp}"
     kappa = (f"κ {num(r.kappa_start)}" if r.kappa_start == r.kappa_end
              else f"κ {num(r.kappa_start)}→{num(r.kappa_end)} over the ramp")
-    return f"{warm}, {ramp}, {kappa}{tag('kappa_start', 'kappa_end')}"
+    init = ", IBP initialisation (auto)" if "ibp_init" in unset and r.ibp_init else ""
+    return f"{warm}, {ramp}, {kappa}{tag('kappa_start', 'kappa_end')}{init}"
 
 
 def ramp_position(t: float, start: float, length: float) -> float:
