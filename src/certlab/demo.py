@@ -21,7 +21,7 @@ RECIPES = ("standard", "pgd", "ibp")
 
 def register(sub):
     p = sub.add_parser("demo", help="train and compare models on built-in data, run the reduced study 1, write a report",
-                       description=__doc__)
+                       description=__doc__.replace("``", ""))
     p.add_argument("--out", default="results/demo", help="sweep/report folder (default results/demo; resumable)")
     p.add_argument("--jobs", type=int, default=None, help="parallel cells for the study (default: up to 2)")
     p.add_argument("--skip-compare", action="store_true", help="only run the study")
