@@ -96,13 +96,17 @@ def is_seed_axis(key: str) -> bool:
     return key == "seed" or key.endswith(".seed")
 
 
-def split_axes(spec: dict, cells: list) -> tuple:
-    """(x axis or None, panel axes) from the experiment's varied keys (seed and method keys excluded)."""
+def varied_axes(spec: dict, exclude) -> list:
+    """The experiment's grid and zip keys, in order, without the seed axes and the keys in ``exclude``."""
     axes = list(spec.get("grid", {}))
     for g in spec.get("zip", []):
         axes.extend(g)
-    mkeys = method_keys(spec)
-    rest = [a for a in axes if not is_seed_axis(a) and a not in mkeys]
+    return [a for a in dict.fromkeys(axes) if not is_seed_axis(a) and a not in exclude]
+
+
+def split_axes(spec: dict, cells: list) -> tuple:
+    """(x axis or None, panel axes) from the experiment's varied keys (seed and method keys excluded)."""
+    rest = varied_axes(spec, method_keys(spec))
     numeric = [a for a in rest if all(_is_number(c["params"].get(a)) for c in cells if a in c["params"])]
     numeric = [a for a in numeric if len({c["params"].get(a) for c in cells}) > 1]
     x = numeric[0] if numeric else None
@@ -323,19 +327,12 @@ def _value(cell, key):
     return cell["params"][key] if key in cell["params"] else cell["config"].get(key)
 
 
-def _axes(spec) -> list:
-    axes = list(spec.get("grid", {}))
-    for g in spec.get("zip", []):
-        axes.extend(g)
-    return [a for a in dict.fromkeys(axes) if not is_seed_axis(a) and a not in METHOD_KEYS]
-
-
 def tradeoff_axes(spec, cells) -> tuple:
     """(knob keys, panel axes) of a trade-off experiment: the knob keys are the :data:`KNOBS` among the varied
     axes that take several values (``eps`` only when every cell fixes ``eval_eps``); the panel axes are the other
     varied axes that vary within some method (an axis constant within each method, e.g. a flag zipped with the
     objective, belongs to the method). No knob: ((), ()) and the report is the plain one."""
-    axes = _axes(spec)
+    axes = varied_axes(spec, METHOD_KEYS)  # knobs zipped with the objective are axes here
     knobs = [k for k in KNOBS if k in axes and len({json.dumps(_value(c, k)) for c in cells}) > 1]
     if "eps" in knobs and any(c["config"].get("eval_eps") is None for c in cells):
         knobs.remove("eps")
