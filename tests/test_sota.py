@@ -152,6 +152,28 @@ def test_taps_with_the_split_at_the_output_is_ibp(relaxation):
         OBJECTIVES["taps"](model, x, y, _ctx(deep.replace(taps_head=2), info, 0.3))
 
 
+def test_taps_targets_searches_the_most_violated_classes_and_keeps_bounds_for_the_rest():
+    """taps_targets = K − 1 is the full search; k < K − 1 searches the k classes with the lowest certified margins:
+    their columns are the searched estimates, the others the bounds themselves (so the loss lies between the full
+    TAPS loss and the certified loss), and the gradients stay finite."""
+    x, y, info = _toy()
+    model = _net(x.shape[1], classes=5)
+    y = (y + 2 * (x[:, 0] > 0.5).long() + (x[:, 1] > 0.5).long()) % 5
+    cfg = _cfg(objective="taps", taps_head=1, taps_ibp_mult=False, taps_grad_scale=1.0)
+    full, _, _ = _loss_and_grads("taps", model, x, y, _ctx(cfg, info, 0.3))
+    same, _, _ = _loss_and_grads("taps", model, x, y, _ctx(cfg.replace(taps_targets=4), info, 0.3))
+    _close(same, full)
+    cert, _, _ = _loss_and_grads("certified", model, x, y, _ctx(cfg.replace(objective="certified"), info, 0.3))
+    one, grads, _ = _loss_and_grads("taps", model, x, y, _ctx(cfg.replace(taps_targets=1), info, 0.3))
+    assert float(full) - 1e-6 <= float(one) <= float(cert) + 1e-6
+    assert float(one) < float(cert) - 1e-4  # the searched class made a difference
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    m = torch.tensor([[0.0, -1.0, 2.0, -3.0, 0.5], [1.0, 0.0, -2.0, 4.0, -0.1]])
+    assert latent.worst_targets(m, torch.tensor([0, 1]), 2).sort(1).values.tolist() == [[1, 3], [2, 4]]
+    with pytest.raises(CertlabError, match="taps_targets"):
+        _cfg(objective="taps", taps_targets=-1)
+
+
 def test_staps_with_lambda_one_is_taps():
     x, y, info = _toy()
     model = _net(x.shape[1])

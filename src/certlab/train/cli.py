@@ -33,6 +33,8 @@ HELP = {
     "taps_grad_scale": "TAPS/STAPS: gradient scale w of the TAPS factor",
     "taps_threshold": "TAPS/STAPS: threshold c of the gradient connector, in (0, 1]",
     "taps_ibp_mult": "TAPS/STAPS: multiply the TAPS loss by the certified loss",
+    "taps_targets": "TAPS/STAPS: classes searched per sample, the k with the lowest certified margins (the others "
+                    "keep their bounds; cuts the search's cost by k/(K-1)); 0: all K-1 (the paper's)",
     "cert_alpha": "MTL-/EXP-/CC-IBP: weight alpha of the certified part, in [0, 1]",
     "norm": "threat set: linf or l2 ball, or segments (a union of k segments per sample)",
     "eps": "training radius: the value the eps schedule ramps up to",

@@ -79,6 +79,7 @@ class TrainConfig:
     taps_grad_scale: float = 4.0  # w: the TAPS factor's gradient is multiplied by w (its value is not)
     taps_threshold: float = 0.5  # c of the gradient connector, in (0, 1]
     taps_ibp_mult: bool = True  # multiply the TAPS loss by the certified loss (as the authors do)
+    taps_targets: int = 0  # classes the latent search covers per sample (the k most violated); 0: all K − 1
     cert_alpha: float = 0.5  # α of mtl-ibp / exp-ibp / cc-ibp: weight of the certified part, in [0, 1]
     # reproducibility and hardware
     seed: int = 0
@@ -206,6 +207,7 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) > 1:
                 raise CertlabError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
         number("taps_head", 0, integer=True)
+        number("taps_targets", 0, integer=True)
         number("taps_grad_scale", 0.0, strict=True)
         for name in ("sabr_lambda", "taps_threshold", "cert_alpha"):
             number(name, 0.0, strict=name != "cert_alpha")

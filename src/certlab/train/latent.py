@@ -12,6 +12,8 @@ an IBP-bounded part and a PGD-searched head, the latent search and TAPS's gradie
   head's margin h_y(z) − h_j(z), by projected sign steps of size α_t·(hi − lo), α_t = a·(T − t)/T with
   a = max(1/4, 2/T) (the steps add up to at least the box's width, so on an affine head every coordinate reaches its
   minimising vertex); the lowest point seen is kept. The estimate m̂_j = h_y(z_j) − h_j(z_j) is not a bound.
+  With ``taps_targets`` = k < K − 1 only the k classes with the lowest certified margin bounds are searched and the
+  other columns keep their bounds (lower than the estimate; the searched classes are the ones the loss weighs most).
 - Connector: ∂z/∂hi = clip((z − hi + s)/s, 0, 1) and ∂z/∂lo = clip((lo + s − z)/s, 0, 1) with s = c·(hi − lo)
   (TAPS's rectified linear link, c the threshold); a coordinate with hi = lo passes half its gradient to each.
 """
@@ -59,6 +61,12 @@ def _targets(y: torch.Tensor, K: int) -> torch.Tensor:
     return all_[all_ != y.view(-1, 1)].view(B, K - 1)
 
 
+def worst_targets(bounds: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k]: per sample, the k classes j ≠ y with the lowest margin bounds ``bounds`` [B, K] (the most violated)."""
+    b = bounds.detach().scatter(1, y.view(-1, 1), float("inf"))
+    return b.topk(k, dim=1, largest=False).indices
+
+
 def _head_margins(head, z, y, t):
     """h_y(z) − h_t(z) for points z [B, K − 1, *latent] and targets t [B, K − 1]."""
     B, J = t.shape
@@ -67,10 +75,12 @@ def _head_margins(head, z, y, t):
     return (out.gather(2, yy) - out.gather(2, t.unsqueeze(-1))).squeeze(-1)
 
 
-def search(head, lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor, K: int, steps: int, generator=None):
-    """[B, K − 1, *latent] points of [lo, hi] (no gradient) minimising h_y − h_j for each class j ≠ y."""
+def search(head, lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor, K: int, steps: int, generator=None,
+           targets: torch.Tensor | None = None):
+    """[B, J, *latent] points of [lo, hi] (no gradient) minimising h_y − h_j for each target class j: ``targets``
+    [B, J], by default every class j ≠ y (J = K − 1)."""
     lo, hi = lo.detach().unsqueeze(1), hi.detach().unsqueeze(1)
-    t = _targets(y, K)
+    t = _targets(y, K) if targets is None else targets
     B, J = t.shape
     width = hi - lo
     z = torch.rand((B, J, *lo.shape[2:]), generator=generator, device=lo.device, dtype=lo.dtype).mul_(width).add_(lo)
@@ -108,9 +118,12 @@ def connect(z: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, threshold: floa
     return z.detach() + g_lo * (lo1 - lo1.detach()) + g_hi * (hi1 - hi1.detach())
 
 
-def estimate(head, z: torch.Tensor, y: torch.Tensor, K: int) -> torch.Tensor:
-    """[B, K] margin estimates from the searched points (column y is 0), with the head's running statistics."""
-    t = _targets(y, K)
+def estimate(head, z: torch.Tensor, y: torch.Tensor, K: int, targets: torch.Tensor | None = None,
+             rest: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, K] margin estimates from the searched points (column y is 0), with the head's running statistics.
+    With ``targets`` (the classes searched) the other columns are taken from ``rest`` [B, K] (margin bounds)."""
+    t = _targets(y, K) if targets is None else targets
     with eval_mode(head):
         m = _head_margins(head, z, y, t)
-    return m.new_zeros(y.shape[0], K).scatter(1, t, m)
+    base = m.new_zeros(y.shape[0], K) if rest is None else rest
+    return base.scatter(1, t, m)

@@ -352,8 +352,11 @@ def _taps_loss(model, c, y, ctx, small):
     lo, hi = torch.relu(lo), torch.relu(hi)
     K = m.shape[1]
     gen = torch.Generator(device=c.device).manual_seed(ctx.seed)
-    z = latent.search(head, lo, hi, y, K, cfg.attack_steps, gen)
-    est = latent.estimate(head, latent.connect(z, lo, hi, cfg.taps_threshold), y, K)
+    t = rest = None
+    if 0 < cfg.taps_targets < K - 1:  # search only the k most violated classes; the others keep their bounds
+        t, rest = latent.worst_targets(m, y, cfg.taps_targets), m
+    z = latent.search(head, lo, hi, y, K, cfg.attack_steps, gen, targets=t)
+    est = latent.estimate(head, latent.connect(z, lo, hi, cfg.taps_threshold), y, K, targets=t, rest=rest)
     robust = _scale_grad(worst_case_ce(est, y), cfg.taps_grad_scale)
     if cfg.taps_ibp_mult:
         robust = robust * cert
