@@ -187,3 +187,16 @@ def test_tradeoff_report_tables_and_figures(sweep, monkeypatch):
     assert "CROWN" in ax2.get_xlabel() and "0.4" in ax2.get_xlabel()
     xs = ax2.containers[0].lines[0].get_xdata()
     assert all(0 <= v <= 100 for v in xs)
+
+
+def test_selection_keeps_a_method_with_one_knob_value_and_needs_a_choice():
+    """A method trained at one knob value (plain IBP in a CTBench table) stays in the selected table; a file where no
+    method has several knob values has no selection to show."""
+    pts = {("p", "sabr", (("sabr_lambda", 0.2),)): {"val.robust_error": (0.3,), "val.clean_error": (0.1,)},
+           ("p", "sabr", (("sabr_lambda", 0.6),)): {"val.robust_error": (0.2,), "val.clean_error": (0.1,)},
+           ("p", "IBP", ()): {"val.robust_error": (0.25,), "val.clean_error": (0.1,)},
+           ("p", "AT", ()): {"val.clean_error": (0.1,)}}  # no validation certified/robust error: left out
+    chosen = report.select_on_validation(pts, list(pts))
+    assert sorted(chosen) == sorted([("p", "sabr", (("sabr_lambda", 0.6),)), ("p", "IBP", ())])
+    single = {k: v for k, v in pts.items() if k[1] != "sabr"}
+    assert report.select_on_validation(single, list(single)) == []

@@ -428,9 +428,10 @@ def _eps_text(points, panel) -> str:
 
 
 def select_on_validation(points, keys) -> list:
-    """Per method with several knob values, the key of the one with the lowest validation error (certified error
-    by the training relaxation, or robust error, on the validation samples at the last epoch; mean over seeds; ties
-    by validation clean error); methods without validation numbers are left out. CTBench's choice of knob."""
+    """Per method, the key of the knob value with the lowest validation error (certified error by the training
+    relaxation, or robust error, on the validation samples at the last epoch; mean over seeds; ties by validation
+    clean error); a method with one knob value keeps it; methods without validation numbers are left out; nothing
+    when no method has several knob values (no choice was made). CTBench's choice of knob."""
     best = {}
     for k in keys:
         v = points[k]
@@ -442,7 +443,9 @@ def select_on_validation(points, keys) -> list:
     counts = {}
     for k in keys:
         counts[k[1]] = counts.get(k[1], 0) + 1
-    return [k for _, k in best.values() if counts[k[1]] > 1]
+    if not any(n > 1 for n in counts.values()):
+        return []
+    return [k for _, k in best.values()]
 
 
 def _selected_table(doc, points, keys, acr_key, cert_key):
