@@ -242,7 +242,7 @@ class _Search:
             A = A.reshape(1, 2 * m, *self.shapes[pos])
             alpha = {}
             for q in self.relus[:pos]:
-                a = backsub.relu_lines(*pre[q], lower="adaptive")[0]
+                a = backsub.relu_lines(*pre[q], lower="adaptive")[0].detach()
                 alpha[q] = a.unsqueeze(1).expand(1, 2 * m, *a.shape[1:]).clone().requires_grad_(True)
             opt = torch.optim.Adam(list(alpha.values()), lr=lr)
             best = None
