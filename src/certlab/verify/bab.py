@@ -48,6 +48,7 @@ class Domain:
     branch: tuple | None  # (relu position, neuron) to split next; None: no crossing neuron left
     depth: int = 0
     n_cross: int = 0
+    open_rows: torch.Tensor | None = None  # bool [S]: margins not yet proven on this subdomain (None: all)
 
 
 class _Search:
@@ -80,14 +81,15 @@ class _Search:
         return self.deadline is not None and time.perf_counter() > self.deadline
 
     # -- bounds ------------------------------------------------------------------------------------------
-    def _record(self, pre, N, alpha=None, beta=None, signs=None):
+    def _record(self, pre, N, alpha=None, beta=None, signs=None, rows=None):
         """Back-substitution of the margin rows; returns (A at the input, constant, {relu: Λ before relaxing}).
 
         ``alpha[i]`` [N, S, *shape]: lower slopes of crossing neurons (α-CROWN); ``beta[i]`` [N, S, *shape] ≥ 0 with
         ``signs[i]`` (+1: split z ≥ 0, −1: split z ≤ 0, 0: free): the Lagrangian term −β·sign·z of the split
         constraints (β-CROWN), so min f − Σ β·sign·z over the relaxation bounds f on the subdomain."""
-        A = self.A.unsqueeze(0).expand(N, *self.A.shape).reshape(N, self.A.shape[0], *self.g.nodes[self.start].shape)
-        total = self.c.unsqueeze(0).expand(N, -1).clone()
+        Am, cm = (self.A, self.c) if rows is None else (self.A[rows], self.c[rows])
+        A = Am.unsqueeze(0).expand(N, *Am.shape).reshape(N, Am.shape[0], *self.g.nodes[self.start].shape)
+        total = cm.unsqueeze(0).expand(N, -1).clone()
         pending, coefs = {self.start: A}, {}
         for i in range(self.start, 0, -1):
             Ai = pending.pop(i, None)
@@ -114,13 +116,18 @@ class _Search:
                 _acc(pending, node.inputs[1], Ai)
         return pending.pop(0), total, coefs
 
-    def _bound(self, pre, split, N, X):
-        """(low [N, S], A0, coefs): CROWN, then ``iters`` Adam steps on α (slopes) and β (split multipliers)."""
-        A0, total, coefs = self._record(pre, N)
+    def _bound(self, pre, split, N, X, rows=None, closed=None):
+        """(low [N, S'], A0, coefs): CROWN, then ``iters`` Adam steps on α (slopes) and β (split multipliers).
+
+        ``rows``: indices of the margin rows bounded (S' of them; default all); ``closed`` [N, S'] bool: rows already
+        proven on a domain (they stay +inf and do not steer the optimisation)."""
+        A0, total, coefs = self._record(pre, N, rows=rows)
         low = self.threat.concretize(A0, X)[0] + total
+        if closed is not None:
+            low = low.masked_fill(closed, float("inf"))
         if self.iters <= 0 or bool((low > self.tol).all()):
             return low, A0, coefs
-        Sr = self.A.shape[0]
+        Sr = low.shape[1]
         alpha, beta, signs = {}, {}, {}
         for pos, r in enumerate(self.relus):
             if r > self.start:
@@ -139,7 +146,7 @@ class _Search:
             for _ in range(self.iters):
                 if self.late():  # every step's bound is sound: keep the best so far
                     break
-                A0, total, coefs = self._record(pre, N, alpha, beta, signs)
+                A0, total, coefs = self._record(pre, N, alpha, beta, signs, rows)
                 cur = self.threat.concretize(A0, X)[0] + total
                 best = torch.maximum(best, cur.detach())
                 opt.zero_grad()
@@ -151,14 +158,16 @@ class _Search:
                         v.clamp_(0.0, 1.0)
                     for v in beta.values():
                         v.clamp_(min=0.0)
-            A0, total, coefs = self._record(pre, N, alpha, beta, signs)
+            A0, total, coefs = self._record(pre, N, alpha, beta, signs, rows)
             cur = self.threat.concretize(A0, X)[0] + total
         best = torch.maximum(best, cur.detach())
         return best, A0.detach(), {k: v.detach() for k, v in coefs.items()}
 
-    def evaluate(self, lo, hi, split, start_pos):
+    def evaluate(self, lo, hi, split, start_pos, open_rows=None):
         """Recompute ReLU bounds after position start_pos, then margins. Returns (lo, hi, low [N,S], A0, coefs), or
-        None when the deadline passes first."""
+        None when the deadline passes first. ``open_rows`` [N, S] bool: the margins still to prove per domain (the
+        others were proven on an ancestor, hence hold on the subdomain); only rows open in some domain are bounded,
+        the others come back +inf, and A0/coefs have one row per bounded margin (``self.bounded``)."""
         if self.late():
             return None
         N = lo[0].shape[0]
@@ -183,7 +192,15 @@ class _Search:
                 u = torch.where(sp < 0, u.clamp_max(0), u)
             lo[pos], hi[pos] = l, u
             pre[r] = (l.reshape(N, *self.shapes[pos]), u.reshape(N, *self.shapes[pos]))
-        low, A0, coefs = self._bound(pre, split, N, X)
+        if open_rows is None:
+            self.bounded = torch.arange(self.A.shape[0], device=X.device)
+            low, A0, coefs = self._bound(pre, split, N, X)
+            return lo, hi, low, A0, coefs
+        rows = open_rows.any(0).nonzero().flatten()
+        self.bounded = rows
+        part, A0, coefs = self._bound(pre, split, N, X, rows, ~open_rows[:, rows])
+        low = torch.full(open_rows.shape, float("inf"), dtype=part.dtype, device=part.device)
+        low[:, rows] = part
         return lo, hi, low, A0, coefs
 
     def _node_bounds(self, p, cols, pre, X, pos):
@@ -201,6 +218,50 @@ class _Search:
             outs_l.append(lo_)
             outs_u.append(hi_)
         return torch.cat(outs_l, 1), torch.cat(outs_u, 1)
+
+    def optimise_intermediate(self, pre, iters, lr=0.1):
+        """α-CROWN for the intermediate bounds: layer by layer, Adam steps on the lower slopes of every earlier ReLU
+        (one set per bounded neuron and side) maximise each crossing neuron's lower bound and minimise its upper
+        bound; every step's bound is sound, the best one per neuron is intersected with ``pre`` (updated in place,
+        so later layers start from the tightened ones). Stops at the deadline."""
+        X = self.x
+        for pos, r in enumerate(self.relus):
+            p = self.g.nodes[r].inputs[0]
+            if pos == 0 or p in self.exact or self.late():
+                continue
+            l, u = pre[r]
+            lf, uf = l.reshape(1, -1), u.reshape(1, -1)
+            idx = ((lf < 0) & (uf > 0))[0].nonzero().flatten()
+            m = idx.numel()
+            if m == 0:
+                continue
+            n = lf.shape[1]
+            A = torch.zeros(1, 2 * m, n, dtype=X.dtype, device=X.device)
+            A[0, torch.arange(m), idx] = 1.0
+            A[0, m + torch.arange(m), idx] = -1.0
+            A = A.reshape(1, 2 * m, *self.shapes[pos])
+            alpha = {}
+            for q in self.relus[:pos]:
+                a = backsub.relu_lines(*pre[q], lower="adaptive")[0].detach()
+                alpha[q] = a.unsqueeze(1).expand(1, 2 * m, *a.shape[1:]).clone().requires_grad_(True)
+            opt = torch.optim.Adam(list(alpha.values()), lr=lr)
+            best = None
+            with torch.enable_grad():
+                for _ in range(iters + 1):
+                    low = backsub.lower_bound(self.g, p, A, pre, X, self.threat, "adaptive", alpha)
+                    best = low.detach() if best is None else torch.maximum(best, low.detach())
+                    if self.late():
+                        break
+                    opt.zero_grad()
+                    (-low.sum()).backward()
+                    opt.step()
+                    with torch.no_grad():
+                        for v in alpha.values():
+                            v.clamp_(0.0, 1.0)
+            nl, nu = lf.clone(), uf.clone()
+            nl[0, idx] = torch.maximum(lf[0, idx], best[0, :m])
+            nu[0, idx] = torch.minimum(uf[0, idx], -best[0, m:])
+            pre[r] = (nl.reshape(l.shape), nu.reshape(u.shape))
 
     # -- candidates -------------------------------------------------------------------------------------------
     def argmin_points(self, A0w):
@@ -276,7 +337,9 @@ class _Search:
             self.dense = dense_ops(self.g)
         prob = problem(self.g, self.x, self.threat, pre, 0, integral=integral, splits=splits, dense=self.dense)
         C = core.margin_spec(self.y, self.K, self.x.dtype)[0].double().cpu().numpy()
-        for j in self.rows:
+        for n, j in enumerate(self.rows):
+            if d.open_rows is not None and not bool(d.open_rows[n]):  # proven on an ancestor
+                continue
             obj, const = prob.enc.linear(self.g.output, C[j])
             r = prob.optimise(obj, const, False, deadline, integral=integral)
             if r["status"] == "infeasible":  # a relaxation of the region is empty: so is the region
@@ -300,7 +363,7 @@ def _stack(domains, attr):
     return [torch.stack([getattr(d, attr)[p] for d in domains]) for p in range(len(getattr(domains[0], attr)))]
 
 
-def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, leaf_milp, iters=0):
+def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, leaf_milp, iters=0, root_iters=0):
     t0 = time.perf_counter()
     deadline = t0 + timeout
     nodes = 0
@@ -325,17 +388,19 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
     S.deadline = deadline
     S.tol, S.tol_solver = decision_tols(model, x, y, threat)
     pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")
+    if root_iters:
+        S.optimise_intermediate(pre0, root_iters)
     lo = [pre0[r][0].reshape(1, -1) for r in S.relus]
     hi = [pre0[r][1].reshape(1, -1) for r in S.relus]
     split = [torch.zeros_like(v, dtype=torch.int8) for v in lo]
     heap, counter = [], itertools.count()
     stuck = False
-    pending = [(lo, hi, split, len(S.relus), [0])]
+    pending = [(lo, hi, split, len(S.relus), [0], None)]
     rounds = 0
     global_low = None
     while pending:
-        lo, hi, split, start_pos, depths = pending.pop()
-        ev = S.evaluate(lo, hi, split, start_pos)
+        lo, hi, split, start_pos, depths, open_rows = pending.pop()
+        ev = S.evaluate(lo, hi, split, start_pos, open_rows)
         if ev is None:  # out of time while bounding this batch
             stuck = True
             break
@@ -344,7 +409,9 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
         rounds += 1
         if global_low is None:
             global_low = float(low.min())
-        w = low.argmin(1)
+        inv = torch.full((low.shape[1],), -1, dtype=torch.long, device=low.device)
+        inv[S.bounded] = torch.arange(S.bounded.numel(), device=low.device)
+        w = inv[low.argmin(1)]  # the worst margin, as a row of A0 and coefs (a bounded one: open rows are finite)
         pts = S.argmin_points(A0[torch.arange(low.shape[0], device=w.device), w])
         steps = 10 if (pgd_every and rounds % pgd_every == 0) else 0
         z = S.find_counterexample(pts, steps)
@@ -361,7 +428,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
             choice = S.choose(pick(lo), pick(hi), pick(split), {r: c[open_] for r, c in coefs.items()}, w[open_])
             for n, i in enumerate(open_):
                 d = Domain(float(worst[i]), [v[i] for v in lo], [v[i] for v in hi], [v[i] for v in split],
-                           choice[n], depths[i], int(n_cross[i]))
+                           choice[n], depths[i], int(n_cross[i]), low[i] <= S.tol)
                 heapq.heappush(heap, (d.lower, next(counter), d))
         if time.perf_counter() > deadline or nodes >= max_nodes:
             break
@@ -383,7 +450,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
             take.append(d)
         if not take:
             break
-        kids_lo, kids_hi, kids_split, kd = [], [], [], []
+        kids_lo, kids_hi, kids_split, kd, kopen = [], [], [], [], []
         for d in take:
             pos, k = d.branch
             for sign in (1, -1):
@@ -399,9 +466,10 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
                 kids_hi.append(u)
                 kids_split.append(s)
                 kd.append(d.depth + 1)
+                kopen.append(d.open_rows)
         start = min(d.branch[0] for d in take)
         stack = lambda ks: [torch.stack([k[p] for k in ks]) for p in range(len(S.relus))]  # noqa: E731
-        pending.append((stack(kids_lo), stack(kids_hi), stack(kids_split), start, kd))
+        pending.append((stack(kids_lo), stack(kids_hi), stack(kids_split), start, kd, torch.stack(kopen)))
     if not heap and not pending and not stuck:
         return done("verified")
     known = [v for v in [global_low] + ([heap[0][0]] if heap else []) if v is not None]
@@ -410,12 +478,14 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
 
 @core.float32_exact
 def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, batch: int = 64,
-           attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12, iters: int = 20) -> list:
+           attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12, iters: int = 20,
+           root_iters: int = 50) -> list:
     """Branch and bound per sample → list of :class:`Result`. ``timeout`` seconds and ``max_nodes`` evaluated
     subdomains per sample; ``batch`` subdomains bounded together; ``attack``: APGD-CE first; ``pgd_every``: every
     that many rounds, 10 PGD steps from the bound minimisers (0: never); ``leaf_milp``: subdomains with at most that
     many crossing neurons are finished by an exact MILP (binaries for those neurons only; 0: LP leaves only);
-    ``iters``: Adam steps on the α slopes and β split multipliers per batch (0: plain CROWN bounds)."""
+    ``iters``: Adam steps on the α slopes and β split multipliers per batch (0: plain CROWN bounds);
+    ``root_iters``: Adam steps of α-CROWN on each layer's intermediate bounds at the root (0: CROWN's)."""
     core.validate(model, x, threat)
     for name, v in (("timeout", timeout), ("max_nodes", max_nodes), ("batch", batch)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
@@ -450,6 +520,6 @@ def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, 
                     continue
                 ts = threat.single(x, b)
                 out[b] = _bab_one(model, x[b:b + 1], y[b:b + 1], ts, float(timeout) - used, int(max_nodes), int(batch),
-                                  False, pgd_every, int(leaf_milp), int(iters))
+                                  False, pgd_every, int(leaf_milp), int(iters), int(root_iters))
                 out[b].time += used
     return out
