@@ -13,7 +13,7 @@ an IBP-bounded part and a PGD-searched head, the latent search and TAPS's gradie
   a = max(1/4, 2/T) (the steps add up to at least the box's width, so on an affine head every coordinate reaches its
   minimising vertex); the lowest point seen is kept. The estimate m̂_j = h_y(z_j) − h_j(z_j) is not a bound.
   With ``taps_targets`` = k < K − 1 only the k classes with the lowest certified margin bounds are searched and the
-  other columns keep their bounds (lower than the estimate; the searched classes are the ones the loss weighs most).
+  other columns keep their bounds (with IBP, never above an estimate; the searched classes weigh most in the loss).
 - Connector: ∂z/∂hi = clip((z − hi + s)/s, 0, 1) and ∂z/∂lo = clip((lo + s − z)/s, 0, 1) with s = c·(hi − lo)
   (TAPS's rectified linear link, c the threshold); a coordinate with hi = lo passes half its gradient to each.
 """
@@ -68,7 +68,7 @@ def worst_targets(bounds: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor
 
 
 def _head_margins(head, z, y, t):
-    """h_y(z) − h_t(z) for points z [B, K − 1, *latent] and targets t [B, K − 1]."""
+    """h_y(z) − h_t(z) for points z [B, J, *latent] and targets t [B, J]."""
     B, J = t.shape
     out = head(z.reshape(B * J, *z.shape[2:])).view(B, J, -1)
     yy = y.view(B, 1, 1).expand(B, J, 1)
