@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from certlab.attacks.base import eval_mode
-from certlab.bounds import backsub, core
+from certlab.bounds import backsub, core, rounding
 from certlab.bounds.ibp import prefix_bounds
 from certlab.bounds.ops import LinearOp
 from certlab.errors import CertlabError, InputError
@@ -37,6 +37,9 @@ from certlab.verify.milp import TOL, decision_tols, problem
 from certlab.verify.result import Result, attack_subset, check_counterexample
 
 BUDGET = 3e7  # floats per back-substitution chunk (memory cap)
+# float64 bounds: a margin bound counts as proven when it exceeds REL64·(1 + M) (M: the size of the terms it is made
+# of, ``rounding.magnitudes``; float64's rounding of such a sum is below ~1e-13·M), and β terms add β·s_k to M
+REL64 = 1e-10
 
 
 @dataclass
@@ -59,6 +62,7 @@ class _Search:
         self.model, self.x, self.y, self.threat = model, x, y, threat
         self.iters, self.lr = iters, lr
         self.tol = self.tol_solver = TOL  # what a margin bound must exceed (per sample: milp.decision_tols)
+        self.beta_mag = None  # {ReLU node: [n] magnitude of its input} when β terms are charged (float64 bounds)
         self.g = core.build_graph(model, x)
         self.K = core.output_dim(self.g)
         self.relus = self.g.relus
@@ -216,6 +220,9 @@ class _Search:
         A0, total, coefs = self._record(pre, N, best_a, best_b, signs, rows)
         cur = self.threat.concretize(A0, X)[0] + total
         best = torch.maximum(best, cur)
+        if self.beta_mag is not None and best_b:  # the β terms' share of rounding (see REL64)
+            pen = sum((v.reshape(N, Sr, -1) * self.beta_mag[r]).sum(2) for r, v in best_b.items())
+            best = best - REL64 * pen
         pos_of = {r: p for p, r in enumerate(self.relus)}
         opt = ({pos_of[r]: v.reshape(N, Sr, -1) for r, v in best_a.items()},
                {pos_of[r]: v.reshape(N, Sr, -1) for r, v in best_b.items()})
@@ -502,6 +509,23 @@ class _Search:
         return "verified"
 
 
+def _input_magnitudes(g, x, threat):
+    """{ReLU node: [n]}: the size of the terms of its input (``rounding.magnitudes``' pass, per node)."""
+    lo, hi = threat.interval_hull(x)
+    s = {0: torch.maximum(lo.abs(), hi.abs())}
+    for i, node in enumerate(g.nodes):
+        if i == 0:
+            continue
+        if node.kind == "affine":
+            zero = torch.zeros(1, *node.op.in_shape, dtype=x.dtype, device=x.device)
+            s[i] = node.op.absfwd(s[node.inputs[0]]) + node.op.fwd(zero).abs()
+        elif node.kind == "relu":
+            s[i] = s[node.inputs[0]]
+        else:
+            s[i] = s[node.inputs[0]] + s[node.inputs[1]]
+    return {r: s[g.nodes[r].inputs[0]].reshape(-1) for r in g.relus}
+
+
 def _acc(pending, j, A):
     pending[j] = A if j not in pending else pending[j] + A
 
@@ -535,6 +559,9 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
     S = _Search(model, x, y, threat, batch, iters)
     S.deadline = deadline
     S.tol, S.tol_solver = decision_tols(model, x, y, threat)
+    if x.dtype == torch.float64:  # bounds proven by float64 arithmetic: float64's rounding line (REL64), not the solver's
+        S.tol = max(TOL, REL64 * float(rounding.tolerances(model, x, y, threat, 1.0).max()))
+        S.beta_mag = _input_magnitudes(S.g, x, threat)
     pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")
     if root_iters:
         S.optimise_intermediate(pre0, root_iters)
