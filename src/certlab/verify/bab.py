@@ -32,6 +32,7 @@ from certlab.bounds import backsub, core, rounding
 from certlab.bounds.ibp import prefix_bounds
 from certlab.bounds.ops import LinearOp
 from certlab.errors import CertlabError, InputError
+from certlab.threat import _BoxSet
 from certlab.verify.encode import dense_ops
 from certlab.verify.milp import TOL, decision_tols, problem
 from certlab.verify.result import Result, attack_subset, check_counterexample
@@ -346,12 +347,28 @@ class _Search:
         C = cols.numel()
         chunk = max(1, int(BUDGET // (2 * N * W1.shape[1])))
         low = []
+        box = isinstance(self.threat, _BoxSet) and bool((X == X[:1]).all())
+        if box:  # min of A0·x' over [mid − rad, mid + rad] = A0·mid − |A0 ⊙ rad|·1, with A0·mid linear in dc
+            lo_, hi_ = self.threat.interval_hull(X[:1])
+            mid, rad = ((lo_ + hi_) / 2).reshape(-1), ((hi_ - lo_) / 2).reshape(-1)
+            if "rad" not in self._second_root:
+                self._second_root["rad"] = (W1 * rad, W1 @ mid)
+            W1r, W1m = self._second_root["rad"]
+            if (key, "rad") not in self._second_root:
+                self._second_root[(key, "rad")] = (A_r * rad, A_r @ mid)
+            Arr, Arm = self._second_root[(key, "rad")]
+            W1g = W1r[idx]  # [N, K, n0]
+            centre = Arm[rows].unsqueeze(0) + (dc * W1m[idx].unsqueeze(1)).sum(2)
         for c0 in range(0, 2 * C, chunk):
             if self.late():
                 return None
             sl = slice(c0, c0 + chunk)
-            A0 = torch.bmm(dc[:, sl], W1[idx]) + A_r[rows[sl]].unsqueeze(0)
-            low.append(self.threat.concretize(A0, X)[0] + c_r[rows[sl]].unsqueeze(0) + dconst[:, sl])
+            if box:
+                A0 = torch.baddbmm(Arr[rows[sl]].unsqueeze(0), dc[:, sl], W1g)
+                low.append(centre[:, sl] - A0.abs_().sum(2) + c_r[rows[sl]].unsqueeze(0) + dconst[:, sl])
+            else:
+                A0 = torch.bmm(dc[:, sl], W1[idx]) + A_r[rows[sl]].unsqueeze(0)
+                low.append(self.threat.concretize(A0, X)[0] + c_r[rows[sl]].unsqueeze(0) + dconst[:, sl])
         low = torch.cat(low, 1)
         return low[:, :C], -low[:, C:]
 
