@@ -41,6 +41,7 @@ BUDGET = 3e7  # floats per back-substitution chunk (memory cap)
 # float64 bounds: a margin bound counts as proven when it exceeds REL64·(1 + M) (M: the size of the terms it is made
 # of, ``rounding.magnitudes``; float64's rounding of such a sum is below ~1e-13·M), and β terms add β·s_k to M
 REL64 = 1e-10
+WARM_ITERS = 10  # α/β steps of warm-started subdomains of nets with at most two ReLU layers (deeper: ``iters``)
 
 
 @dataclass
@@ -59,6 +60,9 @@ class Domain:
 
 
 class _Search:
+    fast_second = True  # second-layer bounds updated from the root's (``_second_bounds``)
+    warm_parts = "ab"  # what children inherit from their parent: "a" (α), "b" (β), "ab"
+
     def __init__(self, model, x, y, threat, batch, iters=0, lr=0.1):
         self.model, self.x, self.y, self.threat = model, x, y, threat
         self.iters, self.lr = iters, lr
@@ -85,7 +89,6 @@ class _Search:
         self.n_max = max([int(np.prod(n.shape)) for n in self.g.nodes])
         self.deadline = None  # time.perf_counter() value after which bounding and attacks stop (None: never)
         self.root_pre = None  # {ReLU node: (l, u)} at the root (reference for ``_second_bounds``)
-        self.fast_second = True
         self._second_cache, self._second_root = {}, {}
 
     def late(self) -> bool:
@@ -143,27 +146,28 @@ class _Search:
         if self.iters <= 0 or bool((low > self.tol).all()):
             return low, A0, coefs, None
         Sr = low.shape[1]
-        alpha, beta, signs = {}, {}, {}
+        alpha, beta, signs, a_def = {}, {}, {}, {}
         for pos, r in enumerate(self.relus):
             if r > self.start:
                 continue
             shape = self.shapes[pos]
-            a0 = init[0].get(pos) if init is not None else None
+            a0 = init[0].get(pos) if init is not None and "a" in self.warm_parts else None
+            a = backsub.relu_lines(*pre[r], lower="adaptive")[0].unsqueeze(1).expand(N, Sr, *shape)
             if a0 is not None:
                 alpha[r] = a0.to(X.dtype).reshape(N, Sr, *shape).clone()
+                a_def[r] = a
             else:
-                a = backsub.relu_lines(*pre[r], lower="adaptive")[0]
-                alpha[r] = a.unsqueeze(1).expand(N, Sr, *shape).clone()
+                alpha[r] = a.clone()
             sg = split[pos].to(X.dtype).reshape(N, *shape)
             if bool((sg != 0).any()):
                 signs[r] = sg
-                b0 = init[1].get(pos) if init is not None else None
+                b0 = init[1].get(pos) if init is not None and "b" in self.warm_parts else None
                 if b0 is not None:
                     beta[r] = b0.to(X.dtype).reshape(N, Sr, *shape).clone()
                 else:
                     beta[r] = torch.zeros(N, Sr, *shape, dtype=X.dtype, device=X.device)
         best = low.detach()
-        best_a = {r: v.clone() for r, v in alpha.items()}
+        best_a = {r: (a_def[r] if r in a_def else v).clone() for r, v in alpha.items()}
         best_b = {r: v.clone() for r, v in beta.items()}
         # manual Adam (ascent) on the domains with a row still open; they are dropped as they are proven
         m = {k: torch.zeros_like(v) for k, v in itertools.chain(alpha.items(), (((-r - 1), b) for r, b in beta.items()))}
@@ -552,7 +556,7 @@ def _stack(domains, attr):
 
 
 def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, leaf_milp, iters=0, root_iters=0,
-             log=None, warm=True, warm_iters=None, warm_lr=None, per_margin=True):
+             log=None, warm=True, warm_iters=None, warm_lr=None, per_margin=True, warm_beta=None):
     t0 = time.perf_counter()
     deadline = t0 + timeout
     nodes = 0
@@ -576,6 +580,12 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
     S = _Search(model, x, y, threat, batch, iters)
     S.deadline = deadline
     S.tol, S.tol_solver = decision_tols(model, x, y, threat)
+    shallow = len(S.relus) <= 2
+    if warm_beta is None:  # measured (docs/verification.md): β inherited helps two-ReLU-layer nets, hurts deeper ones
+        warm_beta = shallow
+    S.warm_parts = "ab" if warm_beta else "a"
+    if warm_iters is None:
+        warm_iters = WARM_ITERS if shallow else iters
     if x.dtype == torch.float64:  # bounds proven by float64 arithmetic: float64's rounding line (REL64), not the solver's
         S.tol = max(TOL, REL64 * float(rounding.tolerances(model, x, y, threat, 1.0).max()))
         S.beta_mag = _input_magnitudes(S.g, x, threat)
@@ -718,14 +728,17 @@ def _search(S, lo, hi, split, open0, batch, leaf_milp, pgd_every, iters, warm, w
 @core.float32_exact
 def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, batch: int = 64,
            attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12, iters: int = 20,
-           root_iters: int = 50, warm_iters: int = 10, per_margin: bool = True) -> list:
+           root_iters: int = 50, warm_iters: int | None = None, per_margin: bool = True,
+           warm_beta: bool | None = None) -> list:
     """Branch and bound per sample → list of :class:`Result`. ``timeout`` seconds and ``max_nodes`` evaluated
     subdomains per sample; ``batch`` subdomains bounded together; ``attack``: APGD-CE first; ``pgd_every``: every
     that many rounds, 10 PGD steps from the bound minimisers (0: never); ``leaf_milp``: subdomains with at most that
     many crossing neurons are finished by an exact MILP (binaries for those neurons only; 0: LP leaves only);
     ``iters``: Adam steps on the α slopes and β split multipliers per batch (0: plain CROWN bounds);
     ``root_iters``: Adam steps of α-CROWN on each layer's intermediate bounds at the root (0: CROWN's);
-    ``warm_iters``: the steps for subdomains, which start from their parent's optimised α and β;
+    ``warm_iters``: the steps for subdomains, which start from their parent's optimised α (and β where
+    ``warm_beta``); None: ``WARM_ITERS`` for nets with at most two ReLU layers, else ``iters``; ``warm_beta``: None:
+    inherit β on nets with at most two ReLU layers only (start from β = 0 on deeper ones);
     ``per_margin``: one search per margin (splits chosen for that margin alone) instead of one for all."""
     core.validate(model, x, threat)
     for name, v in (("timeout", timeout), ("max_nodes", max_nodes), ("batch", batch)):
@@ -762,6 +775,7 @@ def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, 
                 ts = threat.single(x, b)
                 out[b] = _bab_one(model, x[b:b + 1], y[b:b + 1], ts, float(timeout) - used, int(max_nodes), int(batch),
                                   False, pgd_every, int(leaf_milp), int(iters), int(root_iters),
-                                  warm_iters=int(warm_iters), per_margin=bool(per_margin))
+                                  warm_iters=None if warm_iters is None else int(warm_iters),
+                                  per_margin=bool(per_margin), warm_beta=warm_beta)
                 out[b].time += used
     return out
