@@ -170,7 +170,7 @@ class _Search:
         best_a = {r: (a_def[r] if r in a_def else v).clone() for r, v in alpha.items()}
         best_b = {r: v.clone() for r, v in beta.items()}
         # manual Adam (ascent) on the domains with a row still open; they are dropped as they are proven
-        m = {k: torch.zeros_like(v) for k, v in itertools.chain(alpha.items(), (((-r - 1), b) for r, b in beta.items()))}
+        m = {k: torch.zeros_like(v) for k, v in itertools.chain(alpha.items(), ((-r - 1, b) for r, b in beta.items()))}
         v2 = {k: torch.zeros_like(t) for k, t in m.items()}
         idx = torch.arange(N, device=X.device)
         cur_pre, cur_signs, cur_X = pre, signs, X
@@ -586,7 +586,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
     S.warm_parts = "ab" if warm_beta else "a"
     if warm_iters is None:
         warm_iters = WARM_ITERS if shallow else iters
-    if x.dtype == torch.float64:  # bounds proven by float64 arithmetic: float64's rounding line (REL64), not the solver's
+    if x.dtype == torch.float64:  # float64 bounds: float64's rounding line (REL64), not the solver's
         S.tol = max(TOL, REL64 * float(rounding.tolerances(model, x, y, threat, 1.0).max()))
         S.beta_mag = _input_magnitudes(S.g, x, threat)
     pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")
