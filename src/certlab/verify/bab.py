@@ -726,7 +726,7 @@ def _search(S, lo, hi, split, open0, batch, leaf_milp, pgd_every, iters, warm, w
 
 
 @core.float32_exact
-def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, batch: int = 64,
+def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, batch: int = 128,
            attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12, iters: int = 20,
            root_iters: int = 50, warm_iters: int | None = None, per_margin: bool = True,
            warm_beta: bool | None = None) -> list:
