@@ -42,6 +42,7 @@ BUDGET = 3e7  # floats per back-substitution chunk (memory cap)
 # of, ``rounding.magnitudes``; float64's rounding of such a sum is below ~1e-13·M), and β terms add β·s_k to M
 REL64 = 1e-10
 WARM_ITERS = 10  # α/β steps of warm-started subdomains of nets with at most two ReLU layers (deeper: ``iters``)
+FSB = 8  # branching candidates tried per subdomain on nets with at most two ReLU layers (deeper: 1, the score alone)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Domain:
 class _Search:
     fast_second = True  # second-layer bounds updated from the root's (``_second_bounds``)
     warm_parts = "ab"  # what children inherit from their parent: "a" (α), "b" (β), "ab"
+    fsb = 1  # branching candidates tried per domain (1: the BaBSR-like score alone)
 
     def __init__(self, model, x, y, threat, batch, iters=0, lr=0.1):
         self.model, self.x, self.y, self.threat = model, x, y, threat
@@ -478,28 +480,72 @@ class _Search:
             step *= 0.8
         return z.detach()
 
-    def choose(self, lo, hi, split, coefs, w):
-        """Branching neuron per domain: [(pos, k) or None]."""
+    def choose(self, lo, hi, split, coefs, w, opt=None, closed=None):
+        """Branching neuron per domain: [(pos, k) or None]. The BaBSR-like score ranks the crossing unsplit neurons;
+        with ``fsb`` > 1 candidates and the domains' optimised α/β (``opt``, rows ``self.bounded``; ``closed``
+        [N, S'] their proven rows), each of the top ``fsb`` is tried: both children bounded once with the parent's α,
+        β and intermediate bounds, the neuron whose worse child is best wins (filtered smart branching)."""
         N = w.shape[0]
         dev = w.device
-        best_s = torch.full((N,), -1.0, dtype=self.x.dtype, device=dev)
-        best = torch.full((N, 2), -1, dtype=torch.long, device=dev)
         ar = torch.arange(N, device=dev)
+        scores = []
         for pos, r in enumerate(self.relus):
             l, u = lo[pos], hi[pos]
             cross = (l < 0) & (u > 0) & (split[pos] == 0)
-            if not cross.any():
-                continue
             lam = coefs[r][ar, w].reshape(N, -1) if r in coefs else torch.zeros_like(l)
             t = u * (-l) / (u - l).clamp_min(1e-12)
             score = (-lam).clamp_min(0) * t + 0.25 * lam.clamp_min(0) * torch.minimum(u, -l) + 1e-6 * t
-            score = torch.where(cross, score, torch.full_like(score, -1.0))
-            s, k = score.max(1)
-            better = s > best_s
-            best_s = torch.where(better, s, best_s)
-            best[better, 0] = pos
-            best[better, 1] = k[better]
-        return [None if best_s[i] < 0 else (int(best[i, 0]), int(best[i, 1])) for i in range(N)]
+            scores.append(torch.where(cross, score, torch.full_like(score, -1.0)))
+        flat = torch.cat(scores, 1)  # [N, Σ n]
+        offs = np.cumsum([0] + [v.shape[1] for v in lo])
+
+        def where(j):  # flat index → (ReLU position, neuron)
+            pos = int(np.searchsorted(offs, j, side="right") - 1)
+            return pos, int(j - offs[pos])
+
+        k = min(self.fsb, flat.shape[1])
+        if k <= 1 or opt is None or self.late():
+            s, j = flat.max(1)
+            return [None if s[i] < 0 else where(int(j[i])) for i in range(N)]
+        top_s, top_j = flat.topk(k, 1)  # [N, k]
+        M = N * k * 2
+        rep = lambda v: v.repeat_interleave(2 * k, 0)  # noqa: E731
+        Lc, Uc = [rep(v).clone() for v in lo], [rep(v).clone() for v in hi]
+        cand = top_j.reshape(-1).repeat_interleave(2)  # [M]
+        sign = torch.tensor([1, -1], device=dev).repeat(N * k)
+        for pos in range(len(lo)):
+            inl = (cand >= int(offs[pos])) & (cand < int(offs[pos + 1]))
+            rows_ = inl.nonzero().flatten()
+            if rows_.numel():
+                kk = cand[rows_] - int(offs[pos])
+                pl = rows_[sign[rows_] > 0]
+                Lc[pos][pl, kk[sign[rows_] > 0]] = Lc[pos][pl, kk[sign[rows_] > 0]].clamp_min(0)
+                ng = rows_[sign[rows_] < 0]
+                Uc[pos][ng, kk[sign[rows_] < 0]] = Uc[pos][ng, kk[sign[rows_] < 0]].clamp_max(0)
+        pre = {r: (Lc[p].reshape(M, *self.shapes[p]), Uc[p].reshape(M, *self.shapes[p]))
+               for p, r in enumerate(self.relus)}
+        rows = self.bounded
+        Sr = rows.numel()
+        alpha, beta, signs = {}, {}, {}
+        for p, r in enumerate(self.relus):
+            if r > self.start:
+                continue
+            if p in opt[0]:
+                alpha[r] = rep(opt[0][p][:, rows].to(self.x.dtype)).reshape(M, Sr, *self.shapes[p])
+            sg = rep(split[p]).to(self.x.dtype)
+            if p in opt[1] and bool((sg != 0).any()):
+                signs[r] = sg.reshape(M, *self.shapes[p])
+                beta[r] = rep(opt[1][p][:, rows].to(self.x.dtype)).reshape(M, Sr, *self.shapes[p])
+        X = self.x.expand(M, *self.x.shape[1:])
+        A0, total, _ = self._record(pre, M, alpha or None, beta or None, signs, rows)
+        lb = self.threat.concretize(A0, X)[0] + total  # [M, Sr]
+        if closed is not None:
+            lb = lb.masked_fill(rep(closed), float("inf"))
+        lb = lb.min(1).values.reshape(N, k, 2).min(2).values  # the worse child per candidate
+        lb = torch.where(top_s >= 0, lb, torch.full_like(lb, -float("inf")))
+        pick = lb.argmax(1)
+        j = top_j[ar, pick]
+        return [None if top_s[i, 0] < 0 else where(int(j[i])) for i in range(N)]
 
     def leaf(self, d: Domain, deadline):
         """Exact LP over an affine region (no crossing neuron left), or exact MILP over a subdomain with few
@@ -556,7 +602,7 @@ def _stack(domains, attr):
 
 
 def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, leaf_milp, iters=0, root_iters=0,
-             log=None, warm=True, warm_iters=None, warm_lr=None, per_margin=True, warm_beta=None):
+             log=None, warm=True, warm_iters=None, warm_lr=None, per_margin=True, warm_beta=None, fsb=None):
     t0 = time.perf_counter()
     deadline = t0 + timeout
     nodes = 0
@@ -584,6 +630,7 @@ def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, 
     if warm_beta is None:  # measured (docs/verification.md): β inherited helps two-ReLU-layer nets, hurts deeper ones
         warm_beta = shallow
     S.warm_parts = "ab" if warm_beta else "a"
+    S.fsb = int(fsb) if fsb is not None else (FSB if shallow else 1)
     if warm_iters is None:
         warm_iters = WARM_ITERS if shallow else iters
     if x.dtype == torch.float64:  # float64 bounds: float64's rounding line (REL64), not the solver's
@@ -656,7 +703,10 @@ def _search(S, lo, hi, split, open0, batch, leaf_milp, pgd_every, iters, warm, w
         n_cross = sum(((l < 0) & (u > 0) & (sp == 0)).sum(1) for l, u, sp in zip(lo, hi, split))
         if open_:
             pick = lambda vs: [v[open_] for v in vs]  # noqa: E731
-            choice = S.choose(pick(lo), pick(hi), pick(split), {r: c[open_] for r, c in coefs.items()}, w[open_])
+            closed = None if open_rows is None else ~(low[open_][:, S.bounded] <= S.tol)
+            choice = S.choose(pick(lo), pick(hi), pick(split), {r: c[open_] for r, c in coefs.items()}, w[open_],
+                              None if opt is None else tuple({p_: v[open_] for p_, v in part.items()} for part in opt),
+                              closed)
             for n, i in enumerate(open_):
                 d = Domain(float(worst[i]), [v[i] for v in lo], [v[i] for v in hi], [v[i] for v in split],
                            choice[n], depths[i], int(n_cross[i]), low[i] <= S.tol, low[i],
@@ -729,7 +779,7 @@ def _search(S, lo, hi, split, open0, batch, leaf_milp, pgd_every, iters, warm, w
 def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, batch: int = 128,
            attack: bool = True, pgd_every: int = 5, leaf_milp: int = 12, iters: int = 20,
            root_iters: int = 50, warm_iters: int | None = None, per_margin: bool = True,
-           warm_beta: bool | None = None) -> list:
+           warm_beta: bool | None = None, fsb: int | None = None) -> list:
     """Branch and bound per sample → list of :class:`Result`. ``timeout`` seconds and ``max_nodes`` evaluated
     subdomains per sample; ``batch`` subdomains bounded together; ``attack``: APGD-CE first; ``pgd_every``: every
     that many rounds, 10 PGD steps from the bound minimisers (0: never); ``leaf_milp``: subdomains with at most that
@@ -738,7 +788,8 @@ def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, 
     ``root_iters``: Adam steps of α-CROWN on each layer's intermediate bounds at the root (0: CROWN's);
     ``warm_iters``: the steps for subdomains, which start from their parent's optimised α (and β where
     ``warm_beta``); None: ``WARM_ITERS`` for nets with at most two ReLU layers, else ``iters``; ``warm_beta``: None:
-    inherit β on nets with at most two ReLU layers only (start from β = 0 on deeper ones);
+    inherit β on nets with at most two ReLU layers only (start from β = 0 on deeper ones); ``fsb``: branching
+    candidates bounded per subdomain (None: ``FSB`` on nets with at most two ReLU layers, else 1: the score alone);
     ``per_margin``: one search per margin (splits chosen for that margin alone) instead of one for all."""
     core.validate(model, x, threat)
     for name, v in (("timeout", timeout), ("max_nodes", max_nodes), ("batch", batch)):
@@ -776,6 +827,6 @@ def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, 
                 out[b] = _bab_one(model, x[b:b + 1], y[b:b + 1], ts, float(timeout) - used, int(max_nodes), int(batch),
                                   False, pgd_every, int(leaf_milp), int(iters), int(root_iters),
                                   warm_iters=None if warm_iters is None else int(warm_iters),
-                                  per_margin=bool(per_margin), warm_beta=warm_beta)
+                                  per_margin=bool(per_margin), warm_beta=warm_beta, fsb=fsb)
                 out[b].time += used
     return out
