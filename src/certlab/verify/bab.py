@@ -1,22 +1,25 @@
 """Branch and bound over ReLU splits (complete for ℓ∞ balls and unions of segments, sound for ℓ2).
 
 A subdomain fixes the sign of some crossing ReLUs: z ≥ 0 (its pre-activation lower bound becomes max(l, 0)) or
-z ≤ 0 (upper bound min(u, 0)). For a batch of subdomains we
+z ≤ 0 (upper bound min(u, 0)). Each margin f_y − f_j gets its own search by default (``per_margin``). For a batch of
+subdomains we
 
 1. recompute the pre-activation bounds of every later ReLU by back-substitution (CROWN lines) with the clamped
-   bounds, intersected with the parent's (a subdomain's bounds only shrink);
-2. lower-bound every margin f_y − f_j by back-substitution to the input; a subdomain whose margins are all > 0 is
-   done (> 1e-6, and clear of rounding and solver tolerances: ``milp.decision_tols``), one with an empty bound
-   interval (l > u) is infeasible and dropped;
+   bounds, intersected with the parent's (a subdomain's bounds only shrink); on dense nets the second ReLU layer's
+   bounds are the root's plus an exact correction for the split first-layer neurons (``_second_bounds``);
+2. lower-bound the margins by back-substitution to the input and Adam steps on α (slopes) and β (split multipliers),
+   starting from the parent's optimised values; a subdomain whose margins are all proven is done (float64 bounds:
+   > REL64·(1 + M) with the β terms charged; float32: ``milp.decision_tols``), one with an empty bound interval
+   (l > u) is infeasible and dropped;
 3. evaluate the model at the minimiser of the linear lower bound over the input set (a vertex for ℓ∞) and, every few
    rounds, refine the worst candidates with a few PGD steps — any misclassified point ends the search;
 4. split the neuron with the largest score relu(−Λ)·(−l·u/(u−l)) + ¼·relu(Λ)·min(u, −l) (Λ: the back-substitution
-   coefficient of the worst margin at that ReLU, i.e. the looseness its relaxation adds; BaBSR-like).
+   coefficient of the worst margin at that ReLU, i.e. the looseness its relaxation adds; BaBSR-like), or, on nets
+   with at most two ReLU layers, the best of its top ``FSB`` candidates by a one-pass bound of both children.
 
 A subdomain with no crossing neuron left is an affine region: its exact minimum under the split constraints is an
 LP (HiGHS), which verifies it or yields a point. Subdomains are explored worst bound first, in batches.
 """
-
 from __future__ import annotations
 
 import heapq
