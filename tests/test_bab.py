@@ -140,3 +140,112 @@ def test_bab_agrees_with_milp_on_deeper_nets_with_several_margins(seed):
     y = model(x).argmax(1)
     for eps in (0.1, 0.25):
         _bab_equals_milp(model, x, y, certlab.LinfBall(eps))
+
+
+@pytest.mark.parametrize("widths", [(3, 16, 16, 4), (3, 12, 12, 12, 4)])
+def test_float64_bab_agrees_with_milp(widths):
+    """In float64 (as `certlab verify` runs it): per-margin searches, children warm-started from their parent's α
+    (and β on two-ReLU-layer nets), the second-layer bound update and the float64 rounding line still decide every
+    sample exactly as the MILP."""
+    model = _net(6, widths).double()
+    x = torch.rand(6, 3, generator=torch.Generator().manual_seed(26), dtype=torch.float64)
+    y = model(x).argmax(1)
+    for eps in (0.1, 0.2):
+        _bab_equals_milp(model, x, y, certlab.LinfBall(eps))
+
+
+def _subdomain_points(model, x, eps, splits, n=20000, seed=0):
+    """Points of the ℓ∞ ball (clipped to [0, 1]) that satisfy the sign splits {(layer, neuron): ±1}, and the
+    pre-activations of every ReLU there."""
+    pts = (x + eps * (2 * torch.rand(n, x.shape[1], generator=torch.Generator().manual_seed(seed),
+                                     dtype=torch.float64) - 1)).clamp(0, 1)
+    acts, h = [], pts
+    for m in model:
+        if isinstance(m, nn.ReLU):
+            acts.append(h)
+        h = m(h)
+    keep = torch.ones(n, dtype=torch.bool)
+    for (layer, k), sg in splits.items():
+        keep &= (acts[layer][:, k] >= 0) if sg > 0 else (acts[layer][:, k] <= 0)
+    return [a[keep] for a in acts], h[keep]
+
+
+def test_second_layer_update_is_the_back_substitution_and_sound():
+    """The second-layer bounds computed as the root's plus a correction for the split first-layer neurons equal the
+    full back-substitution, and contain the pre-activations of sampled points of the subdomain."""
+    from certlab.bounds import backsub
+
+    model = _net(7, (4, 24, 24, 3)).double()
+    x = torch.rand(1, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    y, eps = model(x).argmax(1), 0.2
+    threat = certlab.LinfBall(eps)
+    S = bab._Search(model, x, y, threat, 8)
+    with torch.no_grad():
+        S.root_pre = pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")
+        r1, r2 = S.relus
+        assert S._second(1) is not None
+        l, u = (v.reshape(1, -1) for v in pre0[r1])
+        cross = ((l < 0) & (u > 0))[0].nonzero().flatten().tolist()
+        assert len(cross) >= 6
+        doms = [{(0, k): (1 if j % 2 else -1) for j, k in enumerate(cross[i:i + 3])} for i in range(0, 6, 2)]
+        L, U = l.repeat(len(doms), 1), u.repeat(len(doms), 1)
+        for i, d in enumerate(doms):
+            for (_, k), sg in d.items():
+                if sg > 0:
+                    L[i, k] = L[i, k].clamp_min(0)
+                else:
+                    U[i, k] = U[i, k].clamp_max(0)
+        pre, X = {r1: (L, U)}, x.expand(len(doms), -1)
+        p2, cols = S.g.nodes[r2].inputs[0], torch.arange(24)
+        fast = S._node_bounds(p2, cols, pre, X, 1)
+        S.fast_second = False
+        full = S._node_bounds(p2, cols, pre, X, 1)
+    for a, b in zip(fast, full):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    for i, d in enumerate(doms):
+        acts, _ = _subdomain_points(model, x, eps, d, seed=i)
+        assert acts[1].shape[0] > 0
+        assert bool((acts[1] >= fast[0][i] - 1e-9).all()) and bool((acts[1] <= fast[1][i] + 1e-9).all())
+
+
+@pytest.mark.parametrize("widths", [(4, 20, 20, 3), (4, 16, 16, 16, 3)])
+def test_warm_started_bounds_are_sound(widths):
+    """Margin bounds from any starting α ∈ [0, 1] and β ≥ 0 (as a parent hands them down), after the α/β steps and
+    the β rounding charge, lie below the margins of sampled points of the subdomain."""
+    from certlab.bounds import backsub
+
+    model = _net(8, widths).double()
+    x = torch.rand(1, 4, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    y, eps = model(x).argmax(1), 0.15
+    threat = certlab.LinfBall(eps)
+    S = bab._Search(model, x, y, threat, 8, iters=10)
+    S.beta_mag = bab._input_magnitudes(S.g, x, threat)
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        S.root_pre = pre0 = backsub.intermediate(S.g, x, threat, lower="adaptive")
+        lo = [pre0[r][0].reshape(1, -1) for r in S.relus]
+        hi = [pre0[r][1].reshape(1, -1) for r in S.relus]
+        doms = []
+        for i in range(4):  # two splits per domain, in the first and the last ReLU layer
+            d = {}
+            for layer in (0, len(S.relus) - 1):
+                cross = ((lo[layer] < 0) & (hi[layer] > 0))[0].nonzero().flatten()
+                d[(layer, int(cross[(3 * i + layer) % cross.numel()]))] = 1 if (i + layer) % 2 else -1
+            doms.append(d)
+        N, Srows = len(doms), S.A.shape[0]
+        split = [torch.zeros(N, v.shape[1], dtype=torch.int8) for v in lo]
+        for i, d in enumerate(doms):
+            for (layer, k), sg in d.items():
+                split[layer][i, k] = sg
+        init = ({p: torch.rand(N, Srows, v.shape[1], generator=g, dtype=torch.float64) for p, v in enumerate(lo)},
+                {p: 2 * torch.rand(N, Srows, v.shape[1], generator=g, dtype=torch.float64) for p, v in enumerate(lo)})
+        ev = S.evaluate([v.repeat(N, 1) for v in lo], [v.repeat(N, 1) for v in hi], split, -1, None, init)
+    low = ev[2]
+    C = certlab.bounds.core.margin_spec(y, 3, torch.float64)[0][S.rows]
+    checked = 0
+    for i, d in enumerate(doms):
+        _, out = _subdomain_points(model, x, eps, d, seed=20 + i)
+        if out.shape[0]:
+            checked += 1
+            assert bool(((out @ C.T).min(0).values >= low[i] - 1e-9).all())
+    assert checked >= 2
