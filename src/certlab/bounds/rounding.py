@@ -65,6 +65,11 @@ def batch_dependent(model: nn.Module) -> bool:
 def magnitudes(g, x, threat) -> torch.Tensor:
     """[B, K]: per logit, a bound on the size of every term that goes into it (and into any bound on it) over the
     set's interval hull, without cancellation: |W|·s + |b| per affine layer."""
+    return node_magnitudes(g, x, threat)[len(g.nodes) - 1].reshape(x.shape[0], -1)
+
+
+def node_magnitudes(g, x, threat) -> dict:
+    """{node index: tensor}: ``magnitudes``' pass for every node of the graph, not only the output."""
     lo, hi = threat.interval_hull(x)
     s = {0: torch.maximum(lo.abs(), hi.abs())}
     for i, node in enumerate(g.nodes):
@@ -77,7 +82,7 @@ def magnitudes(g, x, threat) -> torch.Tensor:
             s[i] = s[node.inputs[0]]
         else:
             s[i] = s[node.inputs[0]] + s[node.inputs[1]]
-    return s[len(g.nodes) - 1].reshape(x.shape[0], -1)
+    return s
 
 
 @torch.no_grad()

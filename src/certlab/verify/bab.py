@@ -580,19 +580,8 @@ class _Search:
 
 
 def _input_magnitudes(g, x, threat):
-    """{ReLU node: [n]}: the size of the terms of its input (``rounding.magnitudes``' pass, per node)."""
-    lo, hi = threat.interval_hull(x)
-    s = {0: torch.maximum(lo.abs(), hi.abs())}
-    for i, node in enumerate(g.nodes):
-        if i == 0:
-            continue
-        if node.kind == "affine":
-            zero = torch.zeros(1, *node.op.in_shape, dtype=x.dtype, device=x.device)
-            s[i] = node.op.absfwd(s[node.inputs[0]]) + node.op.fwd(zero).abs()
-        elif node.kind == "relu":
-            s[i] = s[node.inputs[0]]
-        else:
-            s[i] = s[node.inputs[0]] + s[node.inputs[1]]
+    """{ReLU node: [n]}: the size of the terms of its input (``rounding.node_magnitudes``)."""
+    s = rounding.node_magnitudes(g, x, threat)
     return {r: s[g.nodes[r].inputs[0]].reshape(-1) for r in g.relus}
 
 
