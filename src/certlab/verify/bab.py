@@ -589,10 +589,6 @@ def _acc(pending, j, A):
     pending[j] = A if j not in pending else pending[j] + A
 
 
-def _stack(domains, attr):
-    return [torch.stack([getattr(d, attr)[p] for d in domains]) for p in range(len(getattr(domains[0], attr)))]
-
-
 def _bab_one(model, x, y, threat, timeout, max_nodes, batch, attack, pgd_every, leaf_milp, iters=0, root_iters=0,
              log=None, warm=True, warm_iters=None, warm_lr=None, per_margin=True, warm_beta=None, fsb=None):
     t0 = time.perf_counter()
