@@ -340,3 +340,51 @@ def test_patches_in_chunks_equal_patches_at_once(eps, lower, monkeypatch):
     for r in g.relus:
         torch.testing.assert_close(chunked[r][0], whole[r][0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(chunked[r][1], whole[r][1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linf", "l2", "segments", "box"])
+@pytest.mark.parametrize("net", ["mlp", "mlp-residual", "cnn", "cnn-bn", "cnn-residual"])
+@pytest.mark.parametrize("method", ["deepz", "hbox"])
+def test_symbolic_backward_form_equals_forward_form(method, kind, net):
+    """DeepZ and hBox computed by back-substitution (DeepZ: parallel lines over its own bounds, no IBP
+    intersection; hBox: masks, with the boxes' centres and radii carried forward) give the forward forms' numbers,
+    for the pre-activation bounds of every ReLU and for the output, on chains, convolutions (patches), BatchNorm and
+    residual sums; ``compute`` returns the form ``backward_is_cheaper`` picks."""
+    from certlab.bounds import deepz, hbox
+    from certlab.bounds.symbolic import backward_is_cheaper
+
+    torch.manual_seed(0)
+    if net.startswith("mlp"):
+        model, x = mlp(3, widths=(6, 12, 12, 12, 4), residual=net == "mlp-residual"), torch.rand(4, 6)
+    else:
+        model, x = cnn(3, bn=net == "cnn-bn", residual=net == "cnn-residual", size=8), torch.rand(4, 1, 8, 8)
+    model, x = model.double(), x.double()
+    threat = threat_for(kind, x, 0.3 if kind in ("l2", "segments") else 0.1)
+    g = build_graph(model, x)
+    mod = {"deepz": deepz, "hbox": hbox}[method]
+    with torch.no_grad():
+        pre_f, (lo_f, up_f) = mod.forward(g, x, threat)
+        if method == "deepz":
+            pre_b = backsub.intermediate(g, x, threat, lower="parallel", intersect=False)
+            lo_b, up_b = backsub.output(g, x, threat, pre_b, lower="parallel")
+        else:
+            pre_b, (lo_b, up_b) = hbox.backward(g, x, threat)
+        lo_c, up_c = mod.compute(g, x, threat)
+    crossing = 0
+    for r in g.relus:
+        for a, b in zip(pre_f[r], pre_b[r]):
+            assert torch.allclose(a, b, atol=1e-10, rtol=1e-10)
+        crossing += int(((pre_f[r][0] < 0) & (pre_f[r][1] > 0)).sum())
+    assert crossing > 0  # the relaxation was exercised
+    assert torch.allclose(lo_f, lo_b, atol=1e-10, rtol=1e-10) and torch.allclose(up_f, up_b, atol=1e-10, rtol=1e-10)
+    assert torch.equal(lo_c, lo_b if backward_is_cheaper(g, x, threat) else lo_f)
+
+
+def test_symbolic_forms_chosen_by_cost():
+    from certlab.bounds.symbolic import backward_is_cheaper
+    from certlab.models import build
+
+    x = torch.rand(2, 1, 28, 28)
+    assert backward_is_cheaper(build_graph(build("conv", (1, 28, 28), 10), x), x, certlab.LinfBall(0.1))
+    xr = torch.rand(2, 1, 12, 12)
+    assert not backward_is_cheaper(build_graph(build("wong-resnet", (1, 12, 12), 10), xr), xr, certlab.LinfBall(0.1))

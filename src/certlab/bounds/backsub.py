@@ -18,6 +18,8 @@ a layer starts from the tightened bounds of the layers before it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from certlab.bounds import patches, phased
@@ -136,13 +138,34 @@ def both_bounds(g, start, A, pre, x, threat, lower="adaptive", alpha=None, const
     return low[:, :S], -low[:, S:]
 
 
-def intermediate(g, x, threat, lower="adaptive", reference=None):
+def every_neuron(g, p, pre, x, threat, lower="adaptive"):
+    """(lower, upper) [B, *shape] of every neuron of node p by back-substitution: in patches mode when p ends a
+    convolution chain, else dense rows e_k, as many at a time as keep the widest node's [B, rows, n_i] (and a
+    convolution's unfolded copy of it, up to 32 times larger) within the patch budget."""
+    path = patches.chain(g, p)
+    if path is not None:
+        return patches.bounds_all(g, p, path, pre, x, threat, lower)
+    B, shape = x.shape[0], g.nodes[p].shape
+    n = math.prod(shape)
+    widest = max(math.prod(g.nodes[i].shape) for i in range(p + 1))
+    eye = torch.eye(n, device=x.device, dtype=x.dtype)
+    k = patches._per_chunk(n, 32 * B * widest, x)
+    lo, hi = patches._in_chunks(n, k, lambda j: both_bounds(
+        g, p, eye[j].expand(B, -1, -1).reshape(B, -1, *shape), pre, x, threat, lower))
+    return lo.reshape(B, *shape), hi.reshape(B, *shape)
+
+
+def intermediate(g, x, threat, lower="adaptive", reference=None, intersect=True):
     """Pre-activation bounds of every ReLU by back-substitution, intersected with IBP's.
 
     Layer by layer: the interval pass reaches a ReLU with IBP bounds computed from the (tighter) bounds of the ReLUs
     before it, back-substitution bounds the neurons those call unstable, and the pass goes on from the intersection.
     Neurons it calls stable keep their interval bounds: a stable ReLU is relaxed exactly whatever its bounds, so the
     result is never looser than back-substituting every neuron, and deeper layers see fewer unstable ones.
+
+    ``intersect=False``: every neuron of a layer that is not an affine map of the input is bounded by
+    back-substitution alone (the interval bounds are not used), so each layer's bounds come from the relaxation and
+    the layers before it only (DeepZ's, :mod:`certlab.bounds.deepz`).
 
     Returns {ReLU node: (l, u)}; a dict passed as ``reference`` receives the interval bounds each layer started from."""
     from certlab.bounds.ibp import interval_pass
@@ -158,6 +181,8 @@ def intermediate(g, x, threat, lower="adaptive", reference=None):
         shape = l.shape[1:]
         lf, uf = l.reshape(B, -1), u.reshape(B, -1)
         n = lf.shape[1]
+        if not intersect:
+            return every_neuron(g, p, pre, x, threat, lower)
         unstable = (lf < 0) & (uf > 0)
         cnt = unstable.sum(1)
         S = int(cnt.max().item()) if B else 0

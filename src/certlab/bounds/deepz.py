@@ -5,13 +5,26 @@ z = G·x' + c + Σ_b E_b·ε_b with ε_b ∈ [−1, 1]^{m_b}: the input block G 
 ‖·‖₁. A crossing ReLU (l < 0 < u) maps z to λz + μ + μ·ε_new with λ = u/(u−l), μ = −λl/2 (the minimal-area
 parallelogram); stable neurons are kept or zeroed. Error blocks carry ids so the two branches of a residual
 block stay correlated when they are summed.
+
+Two ways to compute the same numbers:
+
+- forward: carry G and the error blocks through the network (one generator per input feature and per crossing
+  neuron, each the width of the layer);
+- backward: concretising a row Λ of a later layer equals back-substituting Λ through the parallel lines
+  λẑ ≤ relu(ẑ) ≤ λẑ − λl (Fast-Lin's): each ReLU maps Λ ↦ Λλ and adds Λμ − |Λ|μ = Λ⁻·(−λl) to the lower bound,
+  affine maps act on Λ as on G, and a residual sum adds the coefficients of the error terms both branches share,
+  as the ids do. DeepZ is then Fast-Lin with its own pre-activation bounds for every neuron
+  (``backsub.intermediate(intersect=False)``), where Fast-Lin also intersects each layer with IBP.
+
+``compute`` takes the cheaper one (``symbolic.backward_is_cheaper``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from certlab.bounds.symbolic import apply_lin, concretize_input, input_block, walk
+from certlab.bounds import backsub
+from certlab.bounds.symbolic import apply_lin, backward_is_cheaper, concretize_input, input_block, walk
 
 
 def _bounds(G, c, E, x, threat):
@@ -22,7 +35,8 @@ def _bounds(G, c, E, x, threat):
     return lo + c - rad, hi + c + rad
 
 
-def _run(g, x, threat):
+def forward(g, x, threat):
+    """(pre-activation bounds by ReLU node, output bounds) by the zonotope carried forward."""
     B = x.shape[0]
 
     def affine(op, v):
@@ -58,9 +72,14 @@ def _run(g, x, threat):
     return pre, _bounds(G, c, E, x, threat)
 
 
-def compute(g, x, threat, lower_only=False, **_):
-    return _run(g, x, threat)[1]
-
-
 def intermediate(g, x, threat, **_):
-    return _run(g, x, threat)[0]
+    if backward_is_cheaper(g, x, threat):
+        return backsub.intermediate(g, x, threat, lower="parallel", intersect=False)
+    return forward(g, x, threat)[0]
+
+
+def compute(g, x, threat, lower_only=False, **_):
+    if backward_is_cheaper(g, x, threat):
+        pre = backsub.intermediate(g, x, threat, lower="parallel", intersect=False)
+        return backsub.output(g, x, threat, pre, lower="parallel", lower_only=lower_only)
+    return forward(g, x, threat)[1]

@@ -3,13 +3,25 @@
 Each neuron is z = G·x' + c ± r: an exact affine form in the input plus a box of radius r. Affine layers act
 exactly on G and c and as |W| on r. A ReLU keeps the form of stable-active neurons, zeroes stable-inactive ones,
 and replaces a crossing neuron (l < 0 < u) by the box [0, u]: G = 0, c = r = u/2.
+
+Two ways to compute the same numbers:
+
+- forward: carry G (one generator per input feature, each the width of the layer) with c and r;
+- backward: split c = c_b + c_h, the biases carried through the kept neurons and the boxes' centres. G·x' + c_b of
+  every neuron of a layer is a back-substitution of its rows through the affine maps with each earlier ReLU replaced
+  by its mask (slope 1 on stable-active neurons, 0 elsewhere, no intercept: the bounds (l, 0) on the others give
+  exactly that); c_h and r are vectors carried forward (c_h ↦ W·c_h without the bias, r ↦ |W|·r, and at a ReLU
+  mask·(·) + u/2 on crossing neurons).
+
+``compute`` takes the cheaper one (``symbolic.backward_is_cheaper``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from certlab.bounds.symbolic import apply_lin, concretize_input, input_block, walk
+from certlab.bounds import backsub
+from certlab.bounds.symbolic import apply_lin, backward_is_cheaper, concretize_input, input_block, walk
 
 
 def _bounds(G, c, r, x, threat):
@@ -17,7 +29,15 @@ def _bounds(G, c, r, x, threat):
     return lo + c - r, hi + c + r
 
 
-def _run(g, x, threat):
+def _relu(l, u, c, r):
+    """The ReLU's action on the carried parts: (mask·c + u/2, mask·r + u/2) on crossing neurons' boxes."""
+    active = (l >= 0).to(l.dtype)
+    half = torch.where((l < 0) & (u > 0), u / 2, torch.zeros_like(u))
+    return c * active + half, r * active + half
+
+
+def forward(g, x, threat):
+    """(pre-activation bounds by ReLU node, output bounds) with G carried forward."""
     def affine(op, v):
         G, c, r = v
         return apply_lin(op, G), op.fwd(c), op.absfwd(r)
@@ -29,11 +49,40 @@ def _run(g, x, threat):
         G, c, r = v
         l, u = _bounds(G, c, r, x, threat)
         active = (l >= 0).to(x.dtype)
-        half = torch.where((l < 0) & (u > 0), u / 2, torch.zeros_like(u))
-        return (G * active.unsqueeze(1), c * active + half, r * active + half), (l, u)
+        return (G * active.unsqueeze(1), *_relu(l, u, c, r)), (l, u)
 
     pre, (G, c, r) = walk(g, x, (input_block(x), torch.zeros_like(x), torch.zeros_like(x)), affine, add, relu)
     return pre, _bounds(G, c, r, x, threat)
+
+
+def backward(g, x, threat):
+    """The same by back-substitution of G·x' + c_b per layer (see the module docstring)."""
+    pre, masks = {}, {}
+    val = {0: (torch.zeros_like(x), torch.zeros_like(x))}  # (c_h, r)
+
+    def add_parts(p):
+        lo, hi = backsub.every_neuron(g, p, masks, x, threat, lower="parallel")
+        c, r = val[p]
+        return lo + c - r, hi + c + r
+
+    for i, node in enumerate(g.nodes):
+        if i == 0:
+            continue
+        if node.kind == "affine":
+            c, r = val[node.inputs[0]]
+            val[i] = (node.op.lin(c), node.op.absfwd(r))
+        elif node.kind == "add":
+            (c1, r1), (c2, r2) = val[node.inputs[0]], val[node.inputs[1]]
+            val[i] = (c1 + c2, r1 + r2)
+        else:
+            l, u = pre[i] = add_parts(node.inputs[0])
+            masks[i] = (l, torch.where(l >= 0, u, torch.zeros_like(u)))
+            val[i] = _relu(l, u, *val[node.inputs[0]])
+    return pre, add_parts(len(g.nodes) - 1)
+
+
+def _run(g, x, threat):
+    return backward(g, x, threat) if backward_is_cheaper(g, x, threat) else forward(g, x, threat)
 
 
 def compute(g, x, threat, lower_only=False, **_):
