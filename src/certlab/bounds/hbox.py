@@ -29,9 +29,15 @@ def _bounds(G, c, r, x, threat):
     return lo + c - r, hi + c + r
 
 
+def _active(l, u):
+    """The mask of kept neurons: stable-active ones with u > 0 (l = u = 0 is the constant 0, zeroed in both forms,
+    as the back-substitution's lines do)."""
+    return (l >= 0) & (u > 0)
+
+
 def _relu(l, u, c, r):
     """The ReLU's action on the carried parts: (mask·c + u/2, mask·r + u/2) on crossing neurons' boxes."""
-    active = (l >= 0).to(l.dtype)
+    active = _active(l, u).to(l.dtype)
     half = torch.where((l < 0) & (u > 0), u / 2, torch.zeros_like(u))
     return c * active + half, r * active + half
 
@@ -48,8 +54,7 @@ def forward(g, x, threat):
     def relu(i, v):
         G, c, r = v
         l, u = _bounds(G, c, r, x, threat)
-        active = (l >= 0).to(x.dtype)
-        return (G * active.unsqueeze(1), *_relu(l, u, c, r)), (l, u)
+        return (G * _active(l, u).to(x.dtype).unsqueeze(1), *_relu(l, u, c, r)), (l, u)
 
     pre, (G, c, r) = walk(g, x, (input_block(x), torch.zeros_like(x), torch.zeros_like(x)), affine, add, relu)
     return pre, _bounds(G, c, r, x, threat)
@@ -76,7 +81,7 @@ def backward(g, x, threat):
             val[i] = (c1 + c2, r1 + r2)
         else:
             l, u = pre[i] = add_parts(node.inputs[0])
-            masks[i] = (l, torch.where(l >= 0, u, torch.zeros_like(u)))
+            masks[i] = (l, torch.where(_active(l, u), u, torch.zeros_like(u)))  # lines: slope 1 where kept, else 0
             val[i] = _relu(l, u, *val[node.inputs[0]])
     return pre, add_parts(len(g.nodes) - 1)
 
