@@ -181,3 +181,16 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
+
+
+def test_a_finished_run_resumed_with_new_evaluation_settings_evaluates_with_them(tmp_path):
+    """eval_certify may change on resume (RESUME_MUTABLE): a run resumed after its last epoch trains nothing and
+    evaluates with the new list, not the one stored in its checkpoint."""
+    run = tmp_path / "run"
+    first = train(dict(TINY), str(run), progress=False)
+    assert set(first["eval"]["certified_error"]) == {"ibp"}
+    epoch = ckpt.load(str(run / "last.pt"))["epoch"]
+    again = train(dict(TINY, eval_certify=["ibp", "crown"]), str(run), resume=True, progress=False)
+    assert set(again["eval"]["certified_error"]) == {"ibp", "crown"}
+    assert ckpt.load(str(run / "last.pt"))["epoch"] == epoch  # nothing more was trained
+    assert json.loads((run / "eval.json").read_text())["certified_error"].keys() == {"ibp", "crown"}

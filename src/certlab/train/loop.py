@@ -352,6 +352,10 @@ def _train(cfg, out_dir, resume, progress, evaluate, bars) -> dict:
     if evaluate:
         from certlab.train.run import evaluate_run
 
-        summary["eval"] = evaluate_run(out_dir, which="last", progress=progress)
+        # this run's evaluation settings, not the checkpoint's: a resumed run may change them (RESUME_MUTABLE), and a
+        # run resumed after its last epoch saves no new checkpoint
+        summary["eval"] = evaluate_run(out_dir, which="last", progress=progress, certify=cfg.eval_certify,
+                                       attacks=cfg.eval_attacks, n=cfg.eval_n, acr=cfg.eval_acr,
+                                       restarts=cfg.eval_restarts, device=cfg.device)
     atomic_write_text(path["summary"], json.dumps(summary, indent=2))
     return summary
