@@ -178,11 +178,11 @@ def intermediate(g, x, threat, lower="adaptive", reference=None, intersect=True)
             reference[r] = (l, u)
         if p in exact:
             return l, u
+        if not intersect:
+            return every_neuron(g, p, pre, x, threat, lower)
         shape = l.shape[1:]
         lf, uf = l.reshape(B, -1), u.reshape(B, -1)
         n = lf.shape[1]
-        if not intersect:
-            return every_neuron(g, p, pre, x, threat, lower)
         unstable = (lf < 0) & (uf > 0)
         cnt = unstable.sum(1)
         S = int(cnt.max().item()) if B else 0
