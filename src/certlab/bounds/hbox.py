@@ -42,48 +42,45 @@ def _relu(l, u, c, r):
     return c * active + half, r * active + half
 
 
+def _add(v1, v2):
+    return tuple(a + b for a, b in zip(v1, v2))
+
+
 def forward(g, x, threat):
     """(pre-activation bounds by ReLU node, output bounds) with G carried forward."""
     def affine(op, v):
         G, c, r = v
         return apply_lin(op, G), op.fwd(c), op.absfwd(r)
 
-    def add(v1, v2):
-        return tuple(a + b for a, b in zip(v1, v2))
-
     def relu(i, v):
         G, c, r = v
         l, u = _bounds(G, c, r, x, threat)
         return (G * _active(l, u).to(x.dtype).unsqueeze(1), *_relu(l, u, c, r)), (l, u)
 
-    pre, (G, c, r) = walk(g, x, (input_block(x), torch.zeros_like(x), torch.zeros_like(x)), affine, add, relu)
+    pre, (G, c, r) = walk(g, x, (input_block(x), torch.zeros_like(x), torch.zeros_like(x)), affine, _add, relu)
     return pre, _bounds(G, c, r, x, threat)
 
 
 def backward(g, x, threat):
-    """The same by back-substitution of G·x' + c_b per layer (see the module docstring)."""
-    pre, masks = {}, {}
-    val = {0: (torch.zeros_like(x), torch.zeros_like(x))}  # (c_h, r)
+    """The same by back-substitution of G·x' + c_b per layer, with (c_h, r) carried forward (module docstring)."""
+    masks = {}
 
-    def add_parts(p):
+    def bounds(p, v):  # every neuron of node p: back-substituted G·x' + c_b, plus c_h ± r
         lo, hi = backsub.every_neuron(g, p, masks, x, threat, lower="parallel")
-        c, r = val[p]
+        c, r = v
         return lo + c - r, hi + c + r
 
-    for i, node in enumerate(g.nodes):
-        if i == 0:
-            continue
-        if node.kind == "affine":
-            c, r = val[node.inputs[0]]
-            val[i] = (node.op.lin(c), node.op.absfwd(r))
-        elif node.kind == "add":
-            (c1, r1), (c2, r2) = val[node.inputs[0]], val[node.inputs[1]]
-            val[i] = (c1 + c2, r1 + r2)
-        else:
-            l, u = pre[i] = add_parts(node.inputs[0])
-            masks[i] = (l, torch.where(_active(l, u), u, torch.zeros_like(u)))  # lines: slope 1 where kept, else 0
-            val[i] = _relu(l, u, *val[node.inputs[0]])
-    return pre, add_parts(len(g.nodes) - 1)
+    def affine(op, v):
+        c, r = v
+        return op.lin(c), op.absfwd(r)
+
+    def relu(i, v):
+        l, u = bounds(g.nodes[i].inputs[0], v)
+        masks[i] = (l, torch.where(_active(l, u), u, torch.zeros_like(u)))  # lines: slope 1 where kept, else 0
+        return _relu(l, u, *v), (l, u)
+
+    pre, v = walk(g, x, (torch.zeros_like(x), torch.zeros_like(x)), affine, _add, relu)
+    return pre, bounds(len(g.nodes) - 1, v)
 
 
 def _run(g, x, threat):
