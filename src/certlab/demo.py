@@ -48,17 +48,9 @@ def read_compare(out_dir) -> dict:
 
 
 def _write_compare(out_dir, data) -> None:
-    from certlab.fileio import mkstemp
+    from certlab.fileio import write_text
 
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = mkstemp(suffix=".json", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, COMPARE_FILE))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text(os.path.join(out_dir, COMPARE_FILE), json.dumps(data, indent=2))
 
 
 def compare(out_dir, datasets=DATASETS, progress: bool = True, **overrides) -> dict:

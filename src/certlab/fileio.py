@@ -35,3 +35,24 @@ def mkstemp(suffix: str = "", prefix: str = ".tmp-", dir=None) -> tuple:
         os.unlink(tmp)
         raise
     return fd, tmp
+
+
+def write_text(path, text: str, fsync: bool = False) -> None:
+    """Write ``text`` atomically: to a temporary file in ``path``'s folder (created if missing), then ``os.replace``
+    over ``path``, so a reader sees the old file or the new one, never half of one. ``fsync``: flush it to disk
+    before the rename (files a resumed run relies on). The temporary file is removed if anything fails."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -37,7 +37,7 @@ import time
 
 from certlab.errors import CertlabError
 from certlab.experiments.store import Store
-from certlab.fileio import mkstemp
+from certlab.fileio import mkstemp, write_text
 
 RELAX_NAMES = {"ibp": "IBP", "hbox": "hBox", "deepz": "DeepZ", "fastlin": "Fast-Lin", "crown": "CROWN",
                "crown-ibp": "CROWN-IBP", "alpha-crown": "α-CROWN"}
@@ -692,17 +692,6 @@ class Doc:
         return "\n".join(out)
 
 
-def _write_text(path, text):
-    fd, tmp = mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # ---- the report -------------------------------------------------------------------------------------------
 COMPARE_FILE = "compare.json"  # written by ``certlab demo`` (certlab.demo) into the sweep folder
 RECIPE_NAMES = {"standard": "standard", "pgd": "PGD (AT)", "ibp": "IBP (certified)",
@@ -880,6 +869,6 @@ def write_report(sweep_dir, out_dir=None) -> str:
     for exp, cells in per_exp:
         _experiment_section(doc, exp, cells, fig_dir, "figures")
     md = os.path.join(out_dir, "report.md")
-    _write_text(md, doc.markdown())
-    _write_text(os.path.join(out_dir, "report.html"), doc.html(title))
+    write_text(md, doc.markdown())
+    write_text(os.path.join(out_dir, "report.html"), doc.html(title))
     return md

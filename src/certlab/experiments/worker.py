@@ -32,20 +32,9 @@ def resolve(cell_fn: str):
 
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON to a temp file in the same folder, fsync, then ``os.replace``."""
-    from certlab.fileio import mkstemp  # standard library only; a readable file, unlike tempfile.mkstemp's 0600
+    from certlab.fileio import write_text  # standard library only
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, sort_keys=True, default=_jsonable)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, json.dumps(obj, sort_keys=True, default=_jsonable), fsync=True)
 
 
 def _jsonable(o):

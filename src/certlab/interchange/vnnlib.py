@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from certlab.errors import CertlabError
+from certlab.fileio import write_text
 from certlab.verify.property import Property, Region
 
 
@@ -58,18 +59,7 @@ def vnnlib_text(x, y: int, eps: float, num_classes: int, domain=(0.0, 1.0)) -> s
 
 def write_vnnlib(path, x, y: int, eps: float, num_classes: int, domain=(0.0, 1.0)) -> None:
     """Write the property for sample x (any shape; flattened row-major) with label y (atomic)."""
-    text = vnnlib_text(x, y, eps, num_classes, domain)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text(path, vnnlib_text(x, y, eps, num_classes, domain))
 
 
 MAX_TERMS = 200000  # disjunctive normal form size limit

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from certlab.errors import CertlabError
+from certlab.fileio import write_text
 from certlab.train.schedules import AUTO
 
 OBJECTIVES = ("standard", "pgd", "trades", "certified", "adaptive", "sabr", "taps", "staps", "mtl-ibp", "exp-ibp",
@@ -266,11 +267,5 @@ def read_yaml(path) -> dict:
 
 
 def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to a temporary file in the same folder, then ``os.replace`` it over ``path``."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``fileio.write_text`` with fsync: the run's files that a resumed run reads."""
+    write_text(path, text, fsync=True)

@@ -7,7 +7,7 @@ import json
 import os
 
 from certlab.errors import CertlabError
-from certlab.fileio import mkstemp
+from certlab.fileio import write_text
 
 DIAGNOSE_COLUMNS = """\
 columns (one row per relaxation; means over the --n samples; docs/verification.md has the details):
@@ -113,20 +113,6 @@ def load(run_dir, which="last"):
     model, cfg = load_run(run_dir, which)
     _, test, info = load_data(cfg)
     return model, cfg, test, lambda norm: ThreatMaker(norm, info.name, info, cfg.k, cfg.seed, cfg.segment_dirs)
-
-
-def atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # what a result line written before the key existed means (the checkpoint: the default of the time; the
@@ -246,7 +232,7 @@ def certify_cmd(args) -> int:
             res = verify_any(model, x, y, maker(x, eps), method, timeout=args.timeout, **kw)
             for i, r in zip(idx.tolist(), res):
                 done[i] = {"index": i, "label": int(test.y[i]), **setting, **r.to_dict()}
-            atomic_write(out, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+            write_text(out, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
             bar.update(len(idx))
     finally:
         bar.close()
@@ -284,7 +270,7 @@ def diagnose_cmd(args) -> int:
     print(format_rows(rows, f"relaxation diagnostics: {norm} eps={eps:g}, {args.n} samples of {args.run_dir} "
                             "(columns: certlab diagnose --help)"))
     if args.json:
-        atomic_write(args.json, json.dumps(rows, indent=2))
+        write_text(args.json, json.dumps(rows, indent=2))
     return 0
 
 

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from certlab.errors import CertlabError
+from certlab.fileio import write_text
 
 GRACE = 0.5  # seconds past the deadline before the child is killed
 
@@ -124,20 +125,6 @@ def verify_instance(onnx_path, spec_path, timeout=60.0, method="auto", threads=N
     return status, "", took, note
 
 
-def _write(path, text):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def read_instances(csv_path):
     """[(onnx, vnnlib, timeout)] with paths relative to the CSV's folder; one-line errors on bad rows."""
     base = os.path.dirname(os.path.abspath(csv_path))
@@ -180,7 +167,7 @@ def run_batch(csv_path, out_path, method="auto", timeout=None, log=print, thread
         rows.append([key[0], key[1], status, f"{took:.3f}"])
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([["onnx", "vnnlib", "result", "time"], *rows])
-        _write(out_path, buf.getvalue())
+        write_text(out_path, buf.getvalue())
     return rows
 
 
@@ -224,6 +211,6 @@ def main(args):
     text = status + ("\n" + wit if wit else "") + "\n"
     print(f"{status} in {took:.2f}s" + (f" ({note})" if note else ""), file=sys.stderr)
     if args.out:
-        _write(args.out, text)
+        write_text(args.out, text)
     sys.stdout.write(text)
     return 0
