@@ -15,14 +15,17 @@ from __future__ import annotations
 import torch
 
 
-class _BDot(torch.autograd.Function):
-    @staticmethod
-    def forward(A, v):
-        return torch.bmm(v.unsqueeze(1), A.transpose(1, 2)).squeeze(1)
+def _bdot(A, v):
+    return torch.bmm(v.unsqueeze(1), A.transpose(1, 2)).squeeze(1)
 
+
+class _BDot(torch.autograd.Function):
+    # forward with ctx, not a separate setup_context: torch's apply then binds the arguments with inspect.signature
+    # on every call, which cost more than the product itself in branch and bound (thousands of small calls)
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+    def forward(ctx, A, v):
+        ctx.save_for_backward(A, v)
+        return _bdot(A, v)
 
     @staticmethod
     def backward(ctx, g):
@@ -43,4 +46,4 @@ def bdot(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         A, v = A.to(dt), v.to(dt)
     if torch.is_grad_enabled() and (A.requires_grad or v.requires_grad):
         return _BDot.apply(A, v)
-    return _BDot.forward(A, v)
+    return _bdot(A, v)
