@@ -372,3 +372,26 @@ def test_input_gradient_kernel_policies_change_nothing_but_the_kernel():
     del net
     gc.collect()
     assert len(kernels._CHOICE) == n
+
+
+@pytest.mark.parametrize("method", ["pgd", "apgd-ce", "apgd-t"])
+def test_a_passed_deadline_stops_the_attack_with_points_inside_the_set(method):
+    """``deadline`` (a time.perf_counter() value): once it has passed, a gradient attack stops after at most one
+    step per run and still returns points of the set; on a segment set it is accepted and ignored."""
+    import time
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 200), torch.nn.ReLU(), torch.nn.Linear(200, 10))
+    x = torch.rand(64, 20)
+    y = model(x).argmax(1)
+    th = LinfBall(0.1)
+    t0 = time.perf_counter()
+    A.run(model, x, y, th, method, steps=500, seed=0)
+    full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    xa = A.run(model, x, y, th, method, steps=500, seed=0, deadline=t0)
+    cut = time.perf_counter() - t0
+    assert cut < 0.2 * full, (cut, full)
+    assert bool(((xa - x).abs() <= 0.1 + 1e-6).all())
+    err = A.robust_error(model, x, y, SegmentUnion(torch.eye(20)[:2], 0.1), deadline=time.perf_counter())
+    assert err.shape == (64,)

@@ -154,6 +154,36 @@ def test_float64_bab_agrees_with_milp(widths):
         _bab_equals_milp(model, x, y, certlab.LinfBall(eps))
 
 
+def test_float32_steps_only_choose_and_a_wrong_copy_cannot_prove(monkeypatch):
+    """The α/β steps on a float32 copy of the network only choose α and β; the bound that proves is float64 on the
+    network itself. With the copy replaced by a different network (so the steps optimise the wrong function) no
+    answer may differ from the MILP's except by staying undecided."""
+    model = _net(4, (3, 12, 12, 12, 4)).double()
+    x = torch.rand(8, 3, generator=torch.Generator().manual_seed(26), dtype=torch.float64)
+    y = model(x).argmax(1)
+    threat = certlab.LinfBall(0.2)
+    S = bab._Search(model, x[:1], y[:1], threat, 8)
+    assert S.g32 is not None and S.A32.dtype == torch.float32  # the steps do run in float32 here
+    wrong = _net(99, (3, 12, 12, 12, 4))
+    init = bab._Search.__init__
+
+    def swapped(self, model_, x_, *a, **k):
+        init(self, model_, x_, *a, **k)
+        if self.g32 is not None:
+            other = bab._Search.__new__(bab._Search)
+            init(other, wrong.double(), x_, *a, **k)
+            self.g32, self.A32, self.c32 = other.g32, other.A32, other.c32
+
+    monkeypatch.setattr(bab._Search, "__init__", swapped)
+    rb = bab.verify(model, x, y, threat, timeout=10, attack=False)
+    rm = milp.verify(model, x, y, threat, timeout=20, attack=False)
+    _valid(model, x, y, threat, rb)
+    assert all(b.status in (m.status, "unknown") for b, m in zip(rb, rm))
+    assert {m.status for m in rm} == {"verified", "falsified"}  # both answers are at stake
+    crown = certlab.certify(model, x, y, threat, "crown")
+    assert any(m.status == "verified" and not bool(c) for m, c in zip(rm, crown))  # and some need the search
+
+
 def _subdomain_points(model, x, eps, splits, n=20000, seed=0):
     """Points of the ℓ∞ ball (clipped to [0, 1]) that satisfy the sign splits {(layer, neuron): ±1}, and the
     pre-activations of every ReLU there."""

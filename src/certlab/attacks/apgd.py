@@ -18,6 +18,7 @@ Losses: cross-entropy (APGD-CE), DLR (APGD-DLR) and targeted DLR (APGD-T, one ru
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -46,8 +47,9 @@ def checkpoints(steps: int) -> list[int]:
 
 
 def apgd(model, x, y, threat, generator, steps: int = 100, loss: str = "ce", target=None,
-         rho: float = 0.75, momentum: float = 0.75, rand_init: bool = True) -> Best:
-    """One APGD run on the (already validated) batch; ``target`` [B] selects targeted DLR. Returns the best points."""
+         rho: float = 0.75, momentum: float = 0.75, rand_init: bool = True, deadline: float | None = None) -> Best:
+    """One APGD run on the (already validated) batch; ``target`` [B] selects targeted DLR. Returns the best points
+    (those so far once ``time.perf_counter()`` passes ``deadline``)."""
     for name, v in (("rho", rho), ("momentum", momentum)):
         if not isinstance(v, (int, float)) or not 0 < v <= 1:
             raise InputError(f"{name} must be a number in (0, 1], got {v!r}")
@@ -75,6 +77,8 @@ def apgd(model, x, y, threat, generator, steps: int = 100, loss: str = "ce", tar
     halved_at_mark = torch.zeros(B, dtype=torch.bool, device=x.device)
 
     for k in range(1, steps):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         f, g, z = loss_and_grad(model, x_cur, lf)
         best.update(x_cur, z)
         n_up += (f > f_prev).float()

@@ -13,6 +13,8 @@ Conventions shared by all methods:
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from certlab.attacks.apgd import apgd, target_classes
@@ -55,6 +57,7 @@ def _still_robust(best: Best) -> torch.Tensor:
 def _gradient_attack(model, x, y, threat, method, steps, restarts, gen, best, z0, opts):
     """Run a ball attack with restarts; the first pass covers every sample, later ones only the unfooled."""
     n_targets = opts.pop("n_targets", 9)
+    deadline = opts.pop("deadline", None)
     if method == "apgd-t":
         check_positive_int("n_targets", n_targets)
         targets = target_classes(z0, y, n_targets)
@@ -69,15 +72,15 @@ def _gradient_attack(model, x, y, threat, method, steps, restarts, gen, best, z0
                 first = False
             else:
                 idx = _still_robust(best)
-            if idx.numel() == 0:
+            if idx.numel() == 0 or (deadline is not None and time.perf_counter() > deadline):
                 return
             xs, ys, ts = x[idx], y[idx], threat.subset(x, idx)
             if method == "pgd":
-                sub = pgd(model, xs, ys, ts, gen, steps=steps, **opts)
+                sub = pgd(model, xs, ys, ts, gen, steps=steps, deadline=deadline, **opts)
             else:
                 loss = "dlr" if method == "apgd-dlr" else "ce"
                 sub = apgd(model, xs, ys, ts, gen, steps=steps, loss=loss,
-                           target=None if tgt is None else tgt[idx], **opts)
+                           target=None if tgt is None else tgt[idx], deadline=deadline, **opts)
             best.merge(sub, idx)
 
 
@@ -89,7 +92,8 @@ def run(model, x, y, threat, method: str = "apgd-ce", steps: int | None = None, 
     search (``segment``); on a ball ``segment`` is refused. ``steps`` defaults to 20 (pgd) / 100 (apgd-*).
     Extra options: pgd ``step_size`` (default 2.5·ε/steps), ``loss`` ("ce", "dlr", "margin"), ``rand_init``;
     apgd ``rho`` (0.75), ``momentum`` (0.75), ``rand_init``; apgd-t ``n_targets`` (9); segment ``grid`` (101),
-    ``refine`` (3), ``refine_points`` (21), ``chunk`` (8192).
+    ``refine`` (3), ``refine_points`` (21), ``chunk`` (8192). Any method: ``deadline``, a ``time.perf_counter()``
+    value after which the gradient attacks stop and return the best points so far (callers with a time budget).
     """
     return run_with_clean_logits(model, x, y, threat, method, steps, restarts, seed, **kw)[0]
 
@@ -109,7 +113,7 @@ def run_with_clean_logits(model, x, y, threat, method: str = "apgd-ce", steps: i
     if method == "segment" and not segments:
         raise InputError(f"method 'segment' needs a SegmentUnion threat, got {type(threat).__name__}; "
                          "use pgd or apgd-* on balls")
-    allowed = _OPTS[method] | (_SEGMENT_OPTS if segments else set())
+    allowed = _OPTS[method] | (_SEGMENT_OPTS if segments else set()) | {"deadline"}
     unknown = sorted(set(kw) - allowed)
     if unknown:
         raise InputError(f"unknown option(s) {', '.join(unknown)} for attack {method!r}; allowed: {sorted(allowed)}")
@@ -122,7 +126,7 @@ def run_with_clean_logits(model, x, y, threat, method: str = "apgd-ce", steps: i
         check_logits(z0, y)
         best = Best(x, z0, y)
         if segments:
-            opts = {k: v for k, v in kw.items() if k in _SEGMENT_OPTS}
+            opts = {k: v for k, v in kw.items() if k in _SEGMENT_OPTS}  # the line search ends on its own
             for name in opts:
                 check_positive_int(name, opts[name], 2 if name in ("grid", "refine_points") else
                                    (0 if name == "refine" else 1))
@@ -167,7 +171,7 @@ def robust_error(model, x, y, threat, attacks=("apgd-ce", "apgd-t"), return_adv:
     x_adv = x.clone()
     segments = not threat.gradient_attacks
     # an option goes to the attacks that take it (e.g. n_targets only to apgd-t); one no attack takes is an error
-    generic = {"steps", "restarts", "seed"}
+    generic = {"steps", "restarts", "seed", "deadline"}
     takes = {a: generic | _OPTS[a] | (_SEGMENT_OPTS if segments else set()) for a in attacks}
     unknown = sorted(set(kw) - set().union(*takes.values()))
     if unknown:

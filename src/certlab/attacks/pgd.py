@@ -11,6 +11,8 @@ margin is kept.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from certlab.attacks.base import LOSSES, Best, bview, loss_and_grad, random_start
@@ -18,8 +20,9 @@ from certlab.errors import InputError
 
 
 def pgd(model, x, y, threat, generator, steps: int = 20, step_size=None, loss: str = "ce",
-        rand_init: bool = True) -> Best:
-    """One PGD run on the (already validated) batch; returns the per-sample best points."""
+        rand_init: bool = True, deadline: float | None = None) -> Best:
+    """One PGD run on the (already validated) batch; returns the per-sample best points (those so far once
+    ``time.perf_counter()`` passes ``deadline``)."""
     if loss not in LOSSES:
         raise InputError(f"unknown PGD loss {loss!r}; choose from {sorted(LOSSES)}")
     lf = LOSSES[loss]
@@ -33,7 +36,9 @@ def pgd(model, x, y, threat, generator, steps: int = 20, step_size=None, loss: s
     alpha = bview(alpha, x)
     xa = random_start(threat, x, generator) if rand_init else x.clone()
     best = None
-    for _ in range(steps):
+    for k in range(steps):
+        if k and deadline is not None and time.perf_counter() > deadline:
+            break
         _, g, z = loss_and_grad(model, xa, lambda z: lf(z, y))
         if best is None:
             best = Best(xa, z, y)

@@ -8,7 +8,9 @@ subdomains we
    bounds, intersected with the parent's (a subdomain's bounds only shrink); on dense nets the second ReLU layer's
    bounds are the root's plus an exact correction for the split first-layer neurons (``_second_bounds``);
 2. lower-bound the margins by back-substitution to the input and Adam steps on α (slopes) and β (split multipliers),
-   starting from the parent's optimised values; a subdomain whose margins are all proven is done (float64 bounds:
+   starting from the parent's optimised values (on float64 bounds the steps run on a float32 copy of the network
+   and only choose α and β; the bound that counts is recomputed in float64); a subdomain whose margins are all
+   proven is done (float64 bounds:
    > REL64·(1 + M) with the β terms charged; float32: ``milp.decision_tols``), one with an empty bound interval
    (l > u) is infeasible and dropped;
 3. evaluate the model at the minimiser of the linear lower bound over the input set (a vertex for ℓ∞) and, every few
@@ -22,6 +24,7 @@ LP (HiGHS), which verifies it or yields a point. Subdomains are explored worst b
 """
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import time
@@ -46,6 +49,10 @@ BUDGET = 3e7  # floats per back-substitution chunk (memory cap)
 REL64 = 1e-10
 WARM_ITERS = 10  # α/β steps of warm-started subdomains of nets with at most two ReLU layers (deeper: ``iters``)
 FSB = 8  # branching candidates tried per subdomain on nets with at most two ReLU layers (deeper: 1, the score alone)
+# float64 bounds: the Adam steps on α and β (and the root's α-CROWN) run on a float32 copy of the network, about twice
+# as fast on a CPU; they only choose α and β, and the bound that may prove a margin is then computed once in float64
+# with the chosen values (any α ∈ [0, 1], β ≥ 0 gives a sound bound)
+STEPS32 = True
 
 
 @dataclass
@@ -95,26 +102,35 @@ class _Search:
         self.deadline = None  # time.perf_counter() value after which bounding and attacks stop (None: never)
         self.root_pre = None  # {ReLU node: (l, u)} at the root (reference for ``_second_bounds``)
         self._second_cache, self._second_root = {}, {}
+        self.g32 = None  # float32 copy of the graph for the α/β steps (``STEPS32``), when bounds are float64
+        if STEPS32 and x.dtype == torch.float64:
+            with torch.no_grad():  # the steps differentiate in α and β only
+                g32 = core.build_graph(copy.deepcopy(model).float().requires_grad_(False), x.float())
+            if [n.kind for n in g32.nodes] == [n.kind for n in self.g.nodes]:
+                self.g32, self.A32, self.c32 = g32, self.A.detach().float(), self.c.detach().float()
 
     def late(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
 
     # -- bounds ------------------------------------------------------------------------------------------
-    def _record(self, pre, N, alpha=None, beta=None, signs=None, rows=None):
+    def _record(self, pre, N, alpha=None, beta=None, signs=None, rows=None, f32=False):
         """Back-substitution of the margin rows; returns (A at the input, constant, {relu: Λ before relaxing}).
 
         ``alpha[i]`` [N, S, *shape]: lower slopes of crossing neurons (α-CROWN); ``beta[i]`` [N, S, *shape] ≥ 0 with
         ``signs[i]`` (+1: split z ≥ 0, −1: split z ≤ 0, 0: free): the Lagrangian term −β·sign·z of the split
-        constraints (β-CROWN), so min f − Σ β·sign·z over the relaxation bounds f on the subdomain."""
-        Am, cm = (self.A, self.c) if rows is None else (self.A[rows], self.c[rows])
-        A = Am.unsqueeze(0).expand(N, *Am.shape).reshape(N, Am.shape[0], *self.g.nodes[self.start].shape)
+        constraints (β-CROWN), so min f − Σ β·sign·z over the relaxation bounds f on the subdomain. ``f32``: on the
+        float32 copy of the network (``pre`` etc. float32 too)."""
+        g, Am, cm = (self.g32, self.A32, self.c32) if f32 else (self.g, self.A, self.c)
+        if rows is not None:
+            Am, cm = Am[rows], cm[rows]
+        A = Am.unsqueeze(0).expand(N, *Am.shape).reshape(N, Am.shape[0], *g.nodes[self.start].shape)
         total = cm.unsqueeze(0).expand(N, -1).clone()
         pending, coefs = {self.start: A}, {}
         for i in range(self.start, 0, -1):
             Ai = pending.pop(i, None)
             if Ai is None:
                 continue
-            node = self.g.nodes[i]
+            node = g.nodes[i]
             if node.kind == "affine":
                 total = total + node.op.bias_back(Ai)
                 _acc(pending, node.inputs[0], node.op.back(Ai))
@@ -171,7 +187,16 @@ class _Search:
                     beta[r] = b0.to(X.dtype).reshape(N, Sr, *shape).clone()
                 else:
                     beta[r] = torch.zeros(N, Sr, *shape, dtype=X.dtype, device=X.device)
-        best = low.detach()
+        f32 = self.g32 is not None  # the steps in float32, the bound that counts in float64 (``STEPS32``)
+        pre64, signs64, X64 = pre, signs, X
+        if f32:
+            pre = {r: (lu[0].float(), lu[1].float()) for r, lu in pre.items()}
+            signs = {r: v.float() for r, v in signs.items()}
+            alpha = {r: v.float() for r, v in alpha.items()}
+            a_def = {r: v.float() for r, v in a_def.items()}
+            beta = {r: v.float() for r, v in beta.items()}
+            X = X.float()
+        best = low.detach().to(X.dtype)
         best_a = {r: (a_def[r] if r in a_def else v).clone() for r, v in alpha.items()}
         best_b = {r: v.clone() for r, v in beta.items()}
         # manual Adam (ascent) on the domains with a row still open; they are dropped as they are proven
@@ -200,7 +225,7 @@ class _Search:
             with torch.enable_grad():
                 pa = {r: v.requires_grad_(True) for r, v in alpha.items()}
                 pb = {r: v.requires_grad_(True) for r, v in beta.items()}
-                A0s, tot, _ = self._record(cur_pre, n, pa, pb, cur_signs, rows)
+                A0s, tot, _ = self._record(cur_pre, n, pa, pb, cur_signs, rows, f32)
                 cur = self.threat.concretize(A0s, cur_X)[0] + tot
                 open_ = best[idx] <= self.tol
                 grads = torch.autograd.grad((cur * open_).sum(), list(pa.values()) + list(pb.values()))
@@ -227,6 +252,10 @@ class _Search:
                 for v in beta.values():
                     v.clamp_(min=0.0)
         # the best α, β per row: one more sound bound, and the coefficients for branching and candidate points
+        if f32:  # back to float64: the steps' own bounds do not count, CROWN's (low) and this one do
+            pre, signs, X, best = pre64, signs64, X64, low
+            best_a = {r: v.to(X.dtype) for r, v in best_a.items()}
+            best_b = {r: v.to(X.dtype) for r, v in best_b.items()}
         A0, total, coefs = self._record(pre, N, best_a, best_b, signs, rows)
         cur = self.threat.concretize(A0, X)[0] + total
         best = torch.maximum(best, cur)
@@ -420,16 +449,28 @@ class _Search:
             A[0, torch.arange(m), idx] = 1.0
             A[0, m + torch.arange(m), idx] = -1.0
             A = A.reshape(1, 2 * m, *self.shapes[pos])
+            # the steps on the float32 copy when there is one (``STEPS32``): they pick each row's α, and the bound
+            # with the picked α is computed once more on the network itself
+            f32 = self.g32 is not None
+            g, As, Xs = (self.g32, A.float(), X.float()) if f32 else (self.g, A, X)
+            pre_s = {q: (lu[0].float(), lu[1].float()) for q, lu in pre.items()} if f32 else pre
             alpha = {}
             for q in self.relus[:pos]:
-                a = backsub.relu_lines(*pre[q], lower="adaptive")[0].detach()
+                a = backsub.relu_lines(*pre_s[q], lower="adaptive")[0].detach()
                 alpha[q] = a.unsqueeze(1).expand(1, 2 * m, *a.shape[1:]).clone().requires_grad_(True)
             opt = torch.optim.Adam(list(alpha.values()), lr=lr)
-            best = None
+            best, best_a = None, {q: v.detach().clone() for q, v in alpha.items()}
             with torch.enable_grad():
                 for _ in range(iters + 1):
-                    low = backsub.lower_bound(self.g, p, A, pre, X, self.threat, "adaptive", alpha)
-                    best = low.detach() if best is None else torch.maximum(best, low.detach())
+                    low = backsub.lower_bound(g, p, As, pre_s, Xs, self.threat, "adaptive", alpha)
+                    if best is None:
+                        best = low.detach()
+                    else:
+                        better = low.detach() > best
+                        best = torch.where(better, low.detach(), best)
+                        for q, v in alpha.items():
+                            mk = better.view(1, 2 * m, *([1] * (v.dim() - 2)))
+                            best_a[q] = torch.where(mk, v.detach(), best_a[q])
                     if self.late():
                         break
                     opt.zero_grad()
@@ -438,6 +479,10 @@ class _Search:
                     with torch.no_grad():
                         for v in alpha.values():
                             v.clamp_(0.0, 1.0)
+            if f32:
+                best_a = {q: v.to(X.dtype) for q, v in best_a.items()}
+                with torch.no_grad():
+                    best = backsub.lower_bound(self.g, p, A, pre, X, self.threat, "adaptive", best_a)
             nl, nu = lf.clone(), uf.clone()
             nl[0, idx] = torch.maximum(lf[0, idx], best[0, :m])
             nu[0, idx] = torch.minimum(uf[0, idx], -best[0, m:])
@@ -525,7 +570,9 @@ class _Search:
                 Lc[pos][pl, kk[sign[rows_] > 0]] = Lc[pos][pl, kk[sign[rows_] > 0]].clamp_min(0)
                 ng = rows_[sign[rows_] < 0]
                 Uc[pos][ng, kk[sign[rows_] < 0]] = Uc[pos][ng, kk[sign[rows_] < 0]].clamp_max(0)
-        pre = {r: (Lc[p].reshape(M, *self.shapes[p]), Uc[p].reshape(M, *self.shapes[p]))
+        f32 = self.g32 is not None  # an estimate that only ranks candidates: on the float32 copy where there is one
+        dt = torch.float32 if f32 else self.x.dtype
+        pre = {r: (Lc[p].reshape(M, *self.shapes[p]).to(dt), Uc[p].reshape(M, *self.shapes[p]).to(dt))
                for p, r in enumerate(self.relus)}
         rows = self.bounded
         Sr = rows.numel()
@@ -534,13 +581,13 @@ class _Search:
             if r > self.start:
                 continue
             if p in opt[0]:
-                alpha[r] = rep(opt[0][p][:, rows].to(self.x.dtype)).reshape(M, Sr, *self.shapes[p])
-            sg = rep(split[p]).to(self.x.dtype)
+                alpha[r] = rep(opt[0][p][:, rows].to(dt)).reshape(M, Sr, *self.shapes[p])
+            sg = rep(split[p]).to(dt)
             if p in opt[1] and bool((sg != 0).any()):
                 signs[r] = sg.reshape(M, *self.shapes[p])
-                beta[r] = rep(opt[1][p][:, rows].to(self.x.dtype)).reshape(M, Sr, *self.shapes[p])
-        X = self.x.expand(M, *self.x.shape[1:])
-        A0, total, _ = self._record(pre, M, alpha or None, beta or None, signs, rows)
+                beta[r] = rep(opt[1][p][:, rows].to(dt)).reshape(M, Sr, *self.shapes[p])
+        X = self.x.expand(M, *self.x.shape[1:]).to(dt)
+        A0, total, _ = self._record(pre, M, alpha or None, beta or None, signs, rows, f32)
         lb = self.threat.concretize(A0, X)[0] + total  # [M, Sr]
         if closed is not None:
             lb = lb.masked_fill(rep(closed), float("inf"))
@@ -792,8 +839,9 @@ def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, 
         y = core.check_labels(y, x.shape[0], K, x.device)
         B = x.shape[0]
         out = [None] * B
-        # batched screening: CROWN certifies most samples of a trained model, attacks find most of the others
-        t0 = time.perf_counter()
+        # batched screening: CROWN certifies most samples of a trained model, attacks find most of the others; each
+        # sample's share of it counts against its timeout, so the attacks stop once the batch's timeouts have passed
+        t0 = start = time.perf_counter()
         cert = certify(model, x, y, threat, "crown")
         share = (time.perf_counter() - t0) / max(B, 1)
         for i in cert.nonzero().flatten().tolist():
@@ -802,7 +850,7 @@ def verify(model, x, y, threat, timeout: float = 30.0, max_nodes: int = 100000, 
         used = share  # each sample's share of the screening counts against its timeout
         if attack and rest.numel():
             t0 = time.perf_counter()
-            found = attack_subset(model, x, y, threat, rest, ("apgd-ce", "apgd-t"))
+            found = attack_subset(model, x, y, threat, rest, ("apgd-ce", "apgd-t"), deadline=start + timeout * B)
             used = share2 = share + (time.perf_counter() - t0) / rest.numel()
             for i, z in found.items():
                 out[i] = Result("falsified", z, share2, 0, None, "bab")

@@ -49,12 +49,14 @@ def check_counterexample(model, x, y, threat, b: int, z: torch.Tensor) -> torch.
     return None
 
 
-def attack_subset(model, x, y, threat, idx, attacks=("apgd-ce", "apgd-t")) -> dict:
-    """{i: checked counterexample} for the samples i in ``idx`` that an attack of ``attacks`` fools."""
+def attack_subset(model, x, y, threat, idx, attacks=("apgd-ce", "apgd-t"), deadline=None) -> dict:
+    """{i: checked counterexample} for the samples i in ``idx`` that an attack of ``attacks`` fools (the attacks
+    stop at ``deadline``, a ``time.perf_counter()`` value, when given)."""
     found = {}
     if idx.numel() == 0:
         return found
-    err, adv = robust_error(model, x[idx], y[idx], threat.subset(x, idx), attacks=attacks, return_adv=True)
+    err, adv = robust_error(model, x[idx], y[idx], threat.subset(x, idx), attacks=attacks, return_adv=True,
+                            deadline=deadline)
     for n, i in enumerate(idx.tolist()):
         if err[n]:
             one = torch.tensor([i], device=x.device)
