@@ -50,8 +50,9 @@ def read_published(path):
     return out
 
 
-def table(rows, published=None):
-    """Lines: per network and in total, decided (unsat + sat) and median time of the decided, ours vs published."""
+def table(rows, published=None, within=None):
+    """Lines: per network and in total, decided (unsat + sat) and median time of the decided, ours vs published;
+    ``within`` (seconds): also the published decided in at most that time (ours ran with that timeout)."""
     groups = {}
     for onnx, spec, res, t in rows:
         groups.setdefault(os.path.basename(onnx), []).append((_key(onnx, spec), res, float(t)))
@@ -59,6 +60,8 @@ def table(rows, published=None):
     if published is not None:
         head += (f" | {'pub unsat':>9} {'pub sat':>8} {'pub decided':>11} {'pub median s':>12} {'only ours':>9} "
                  f"{'only pub':>8}")
+        if within is not None:
+            head += f" {'pub <= ' + format(within, 'g') + ' s':>12}"
     lines, bad = [head], []
     every = []
     for name, items in sorted(groups.items()) + [("total", None)]:
@@ -76,6 +79,8 @@ def table(rows, published=None):
             pub_only = sum(r not in ("unsat", "sat") and p[0] in ("unsat", "sat") for (_, r, _), p in zip(items, pub))
             line += (f" | {sum(r == 'unsat' for r, _ in pub):9d} {sum(r == 'sat' for r, _ in pub):8d} {len(pdec):11d} "
                      f"{statistics.median(pdec) if pdec else float('nan'):12.2f} {ours_only:9d} {pub_only:8d}")
+            if within is not None:
+                line += f" {sum(t <= within for t in pdec):12d}"
             if name != "total":
                 bad += [k for (k, r, _), p in zip(items, pub) if {r, p[0]} == {"unsat", "sat"}]
         lines.append(line)
@@ -110,7 +115,7 @@ def main(argv=None):
                      threads=args.threads)
     pub = read_published(args.published) if args.published else None
     print(f"benchmark {name}: {len(rows)} instances, method {args.method}, results in {out}")
-    print("\n".join(table([(r[0], r[1], r[2], r[3]) for r in rows], pub)))
+    print("\n".join(table([(r[0], r[1], r[2], r[3]) for r in rows], pub, args.timeout)))
 
 
 if __name__ == "__main__":
