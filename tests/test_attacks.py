@@ -395,3 +395,6 @@ def test_a_passed_deadline_stops_the_attack_with_points_inside_the_set(method):
     assert bool(((xa - x).abs() <= 0.1 + 1e-6).all())
     err = A.robust_error(model, x, y, SegmentUnion(torch.eye(20)[:2], 0.1), deadline=time.perf_counter())
     assert err.shape == (64,)
+    for bad in ("soon", float("nan"), True):
+        with pytest.raises(InputError, match="deadline"):
+            A.run(model, x, y, th, method, deadline=bad)

@@ -117,6 +117,10 @@ def run_with_clean_logits(model, x, y, threat, method: str = "apgd-ce", steps: i
     unknown = sorted(set(kw) - allowed)
     if unknown:
         raise InputError(f"unknown option(s) {', '.join(unknown)} for attack {method!r}; allowed: {sorted(allowed)}")
+    deadline = kw.get("deadline")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                 or deadline != deadline):
+        raise InputError(f"deadline must be a time.perf_counter() value (a number) or None, got {deadline!r}")
     if not segments:
         steps = DEFAULT_STEPS[method] if steps is None else check_positive_int("steps", steps)
     y = y.to(device=x.device, dtype=torch.long)
